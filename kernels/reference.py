@@ -1,0 +1,73 @@
+"""Pure-PyTorch references of every op in `kernels/`.
+
+These are the contracts: each fast kernel must match its reference here, and tests and
+benchmarks import the baseline from this file and nowhere else.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of x picked per batch element.
+
+    x: (B, N, C), ids: (B, M) int64 in [0, N)  ->  (B, M, C)
+    """
+    B, M = ids.shape
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(B, M, x.shape[-1]))  # (B, M, C)
+
+
+def masked_feature_loss_ref(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    ids_masked: torch.Tensor,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Img2Vec regression loss on masked patches (the contract of the fused kernel).
+
+    Args:
+        pred:       (B, N, C) student prediction for every patch, or (B, M, C) already
+                    restricted to the masked patches in the order of `ids_masked`.
+                    Told apart by pred.shape[1]: N = target.shape[1] means "gather",
+                    M = ids_masked.shape[1] (< N) means "already masked order".
+        target:     (B, N, C) teacher features for every patch. Receives no gradient.
+        ids_masked: (B, M) int64 indices of the masked patches, each in [0, N).
+        beta:       smooth-L1 threshold (> 0); dBOT / Img2Vec use 2.0.
+        eps:        added to the variance inside the square root.
+
+    Semantics, exactly:
+        t      = target[b, ids_masked[b, m], :]                     (fp32)
+        mu     = mean_c t[c];  var = mean_c (t[c] - mu)^2           (biased)
+        t_hat  = (t - mu) / sqrt(var + eps)                         (layer norm, no affine)
+        d      = pred[b, m, :] - t_hat                              (fp32)
+        l(d)   = 0.5 * d^2 / beta      if |d| < beta
+                 |d| - 0.5 * beta      otherwise
+        loss   = sum over b, m, c of l(d) / (B * M * C)             (fp32 scalar)
+
+    Everything is computed in fp32 whatever the input dtypes; the result is an fp32 scalar
+    and the gradient w.r.t. pred has pred's dtype.
+
+    Memory traffic (eager, per element of the masked rows; P = bytes of pred, T = of target):
+    gather pred (read P, write P) + gather target (read T, write T) + upcasts (~8) +
+    layer norm (read 4, write 4, plus stats) + smooth-L1 temporaries (~4 passes of 4 bytes)
+    forward, and roughly as many passes again backward: about 10 full passes where a fused
+    kernel needs 3 (read pred, read target, write grad).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    B, N, C = target.shape
+    M = ids_masked.shape[1]
+    if ids_masked.shape[0] != B:
+        raise ValueError(f"ids_masked has batch {ids_masked.shape[0]}, target has {B}")
+    if pred.shape[1] == N:
+        pred_m = gather_rows(pred, ids_masked)  # (B, M, C)
+    elif pred.shape[1] == M:
+        pred_m = pred  # (B, M, C), already in masked order
+    else:
+        raise ValueError(f"pred has {pred.shape[1]} tokens; expected N={N} (all patches) or M={M} (masked only)")
+    if pred_m.shape != (B, M, C):
+        raise ValueError(f"pred {tuple(pred.shape)} does not match target {tuple(target.shape)}")
+
+    target_m = gather_rows(target.detach(), ids_masked).float()  # (B, M, C)
+    target_hat = F.layer_norm(target_m, (C,), eps=eps)  # (B, M, C), biased var, no affine
+    return F.smooth_l1_loss(pred_m.float(), target_hat, reduction="mean", beta=beta)
