@@ -44,11 +44,22 @@ def resume_checkpoint(engine, output_dir: str) -> dict | None:
     return client_state
 
 
-def consolidated_fp32_state_dict(output_dir: str, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 student state dict from a ZeRO-1/2/3 checkpoint (the fp32 master weights)."""
+def frozen_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that never train (fixed position embeddings); take them
+    before ZeRO-3 shards the model."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def consolidated_fp32_state_dict(output_dir: str, tag: str, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full fp32 student state dict from a ZeRO-1/2/3 checkpoint (the fp32 master weights).
+
+    DeepSpeed 0.19's zero_to_fp32 leaves frozen parameters out of ZeRO-1 checkpoints, so
+    `frozen` (from frozen_parameters) fills whatever the checkpoint lacks.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir(output_dir), tag=tag)
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir(output_dir), tag=tag)
+    return {**frozen, **state}
 
 
 def export_encoder(student_state: dict[str, torch.Tensor], timm_kwargs: dict, out_dir: str) -> str:

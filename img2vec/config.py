@@ -48,9 +48,9 @@ class Config:
     data_backend: str = "auto"
     num_workers: int = 2
     # Schedule: epochs over the data (or a fixed number of optimizer steps), MAE's LR rule.
-    epochs: int = 12
+    epochs: int = 25
     max_steps: int = 0  # > 0 overrides epochs
-    base_lr: float = 1.5e-4  # lr = base_lr * global_batch / 256
+    base_lr: float = 2e-3  # lr = base_lr * global_batch / 256 (smoke run; MAE presets use 1.5e-4)
     min_lr: float = 0.0
     warmup_epochs: float = 2.0
     weight_decay: float = 0.05
@@ -175,7 +175,10 @@ def load_config(yaml_path: str | None = None, overrides: list[str] | None = None
         if not os.path.isfile(yaml_path):
             raise ConfigError(f"config file not found: {yaml_path}")
         with open(yaml_path) as f:
-            data = yaml.safe_load(f) or {}  # safe_load: a config file cannot run code
+            try:
+                data = yaml.safe_load(f) or {}  # safe_load: a config file cannot run code
+            except yaml.YAMLError as e:
+                raise ConfigError(f"could not parse {yaml_path}: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{yaml_path} must hold a mapping of config keys, got {type(data).__name__}")
         values.update({k: _coerce(k, v) for k, v in data.items()})

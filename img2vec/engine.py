@@ -110,9 +110,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
 
 
 def cosine_schedule(step: int, total_steps: int, warmup_steps: int, peak: float, final: float) -> float:
-    """Linear warmup from 0 to `peak`, then half-cosine from `peak` to `final` (MAE)."""
+    """Linear warmup to `peak` (step 0 already moves), then half-cosine from `peak` to `final`."""
     if step < warmup_steps:
-        return peak * step / warmup_steps
+        return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 

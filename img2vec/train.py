@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from dataloading import LoaderSpec, build_loader
-from img2vec.checkpoint import (consolidated_fp32_state_dict, export_encoder, resume_checkpoint,
-                                save_checkpoint, step_tag)
+from img2vec.checkpoint import (consolidated_fp32_state_dict, export_encoder, frozen_parameters,
+                                resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, load_config
 from img2vec.engine import (build_optimizer, cosine_schedule, ds_precision, init_distributed,
                             load_ds_config, seed_everything, set_lr_wd)
@@ -92,14 +92,16 @@ def main(argv=None) -> int:
     final_wd = cfg.weight_decay if cfg.weight_decay_end < 0 else cfg.weight_decay_end
     optimizer = build_optimizer(student, peak_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                                 cfg.fused_optim)
+    num_patches, student_params, encoder_params = (student.encoder.num_patches, count_params(student),
+                                                   count_params(student.encoder))  # before ZeRO-3 shards them
+    frozen = frozen_parameters(student)
     import deepspeed
 
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
-    num_patches = student.encoder.num_patches
     log.info("student %s: %.1fM params (encoder %.1fM), %d patches, mask %.2f; teacher %s stage %d "
              "(C=%d, weights=%s); attention %s, loss %s, %s on %s; world %d x micro %d x accum %d = %d "
-             "images/step, %d steps, peak lr %.2e", cfg.model, count_params(student) / 1e6,
-             count_params(student.encoder) / 1e6, num_patches, cfg.mask_ratio, cfg.teacher,
+             "images/step, %d steps, peak lr %.2e", cfg.model, student_params / 1e6,
+             encoder_params / 1e6, num_patches, cfg.mask_ratio, cfg.teacher,
              cfg.teacher_stage, teacher.channels, teacher_weights, attn_impl, loss_name,
              str(dtype).replace("torch.", ""), device, world_size, micro_batch, accum_steps,
              global_batch, total_steps, peak_lr)
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     # --- Export: fp32 master weights of the encoder, timm names; the loss curve ----------
     dist.barrier()
     if rank == 0:
-        state = consolidated_fp32_state_dict(cfg.output_dir, step_tag(step))
+        state = consolidated_fp32_state_dict(cfg.output_dir, step_tag(step), frozen)
         path = export_encoder(state, student.encoder.timm_kwargs(), cfg.output_dir)
         plot_loss_curve(metrics.jsonl_path, os.path.join(cfg.output_dir, "loss.png"))
         log.info("done: %d steps; encoder at %s; resume or extend with --max_steps N", step, path)

@@ -57,7 +57,8 @@ CHUNK_C = 4096
 # one after another with numpy, so it wants few, large ones.
 TILE_ELEMS_GPU = 8192
 TILE_ELEMS_INTERPRET = 1 << 17
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 is accepted because the reference accepts it; like the reference, math stays fp32
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
@@ -86,8 +87,8 @@ def _smooth_l1(d, beta):
 
 @triton.jit
 def _fwd_kernel(
-    pred_ptr,     # (B, N, C) or (B, M, C), fp32/bf16/fp16, stride(-1) == 1
-    target_ptr,   # (B, N, C), fp32/bf16/fp16, stride(-1) == 1
+    pred_ptr,     # (B, N, C) or (B, M, C), fp32/bf16/fp16 (fp64), stride(-1) == 1
+    target_ptr,   # (B, N, C), fp32/bf16/fp16 (fp64), stride(-1) == 1
     ids_ptr,      # (B, M) int32/int64, indices in [0, N)
     mean_ptr,     # (R,) fp32 out: mean of each masked target row
     rstd_ptr,     # (R,) fp32 out: 1 / sqrt(var + eps) of each masked target row
@@ -176,8 +177,8 @@ def _fwd_kernel(
 # bitwise the forward's d. One pass: read pred and target rows, write grad rows.
 @triton.jit
 def _bwd_kernel(
-    pred_ptr,      # (B, N, C) or (B, M, C), fp32/bf16/fp16, stride(-1) == 1
-    target_ptr,    # (B, N, C), fp32/bf16/fp16, stride(-1) == 1
+    pred_ptr,      # (B, N, C) or (B, M, C), fp32/bf16/fp16 (fp64), stride(-1) == 1
+    target_ptr,    # (B, N, C), fp32/bf16/fp16 (fp64), stride(-1) == 1
     ids_ptr,       # (B, M) int32/int64
     mean_ptr,      # (R,) fp32, saved by forward
     rstd_ptr,      # (R,) fp32, saved by forward
@@ -268,7 +269,7 @@ def _check_inputs(pred, target, ids_masked, beta):
         raise ValueError(f"pred {tuple(pred.shape)} does not match target {tuple(target.shape)}")
     for name, x in (("pred", pred), ("target", target)):
         if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} dtype {x.dtype} not supported: use float32, bfloat16 or float16")
+            raise TypeError(f"{name} dtype {x.dtype} not supported: use float32, bfloat16 or float16 (or float64)")
     if ids_masked.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids_masked dtype {ids_masked.dtype} not supported: use int64 or int32")
     if not (pred.device == target.device == ids_masked.device):

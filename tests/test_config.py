@@ -1,0 +1,85 @@
+"""Run config: precedence, types, and one clear line for each mistake."""
+import pytest
+import yaml
+
+from img2vec.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_the_embedded_smoke_run():
+    cfg = load_config()
+    assert cfg.model == "vit_tiny" and cfg.data_path == "" and cfg.teacher == "resnet50"
+    assert cfg.teacher_stage == 3 and cfg.loss_beta == 2.0 and cfg.resolved_patch_size == 16
+
+
+def test_yaml_then_flags_override_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"mask_ratio": 0.6, "epochs": 3, "model": "vit_small"}))
+    cfg = load_config(str(path), ["--epochs", "5", "--resume=false", "--base-lr", "1e-3"])
+    assert (cfg.mask_ratio, cfg.epochs, cfg.model, cfg.resume, cfg.base_lr) == (0.6, 5, "vit_small", False, 1e-3)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["--mask_ratio", "0.5", "--image_size", "64"])
+    cfg.save(str(tmp_path / "config.yaml"))
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_huge_preset_uses_patch_14():
+    cfg = load_config(None, ["--model", "vit_huge", "--patch_size", "0", "--image_size", "224"])
+    assert cfg.resolved_patch_size == 14
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--mask_ratoi", "0.5"], r"unknown config key 'mask_ratoi' \(did you mean 'mask_ratio'\?\)"),
+    (["--epochs", "ten"], r"config key 'epochs' expects int, got 'ten'"),
+    (["--mask_ratio", "abc"], r"config key 'mask_ratio' expects float"),
+    (["--resume", "maybe"], r"config key 'resume' expects bool"),
+    (["--mask_ratio", "1.0"], r"mask_ratio must be in \(0, 1\), got 1.0"),
+    (["--mask_ratio", "0"], r"mask_ratio must be in \(0, 1\)"),
+    (["--image_size", "100"], r"image_size 100 is not divisible by patch_size 16"),
+    (["--teacher_stage", "7"], r"teacher resnet50 has stages 0..4"),
+    (["--teacher", "resnet5000"], r"unknown teacher 'resnet5000'"),
+    (["--model", "vit_gigantic"], r"model must be one of"),
+    (["--loss_impl", "cuda"], r"loss_impl must be one of auto, triton, reference"),
+    (["--epochs"], r"--epochs needs a value"),
+    (["stray"], r"unexpected argument 'stray'"),
+])
+def test_each_mistake_gets_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_own_data_needs_teacher_weights_said_explicitly(tmp_path):
+    with pytest.raises(ConfigError, match="set teacher_weights"):
+        load_config(None, ["--data_path", str(tmp_path)])
+    assert load_config(None, ["--data_path", str(tmp_path), "--teacher_weights", "random"]).teacher_weights == "random"
+    with pytest.raises(ConfigError, match="teacher_weights file not found"):
+        load_config(None, ["--teacher_weights", str(tmp_path / "missing.pth")])
+    with pytest.raises(ConfigError, match="data_path does not exist"):
+        load_config(None, ["--data_path", str(tmp_path / "nope"), "--teacher_weights", "random"])
+
+
+def test_yaml_unknown_key_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'lr'"):
+        load_config(str(bad))
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "none.yaml"))
+
+
+def test_yaml_cannot_execute_code(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    marker = tmp_path / "ran"
+    evil.write_text(f"!!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="could not parse"):
+        load_config(str(evil))
+    assert not marker.exists()
+
+
+def test_dataclass_fields_all_have_defaults():
+    Config()  # the embedded default must construct with no arguments

@@ -1,0 +1,121 @@
+"""End to end: img2vec/train.py in real processes under real DeepSpeed engines (gloo, CPU).
+
+Each run is a tiny student on 32 real JPEGs, a few optimizer steps, fp32.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+from dataloading import sample_dataset_dir
+from img2vec.checkpoint import checkpoint_dir, step_tag
+from img2vec.vit import build_student
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "img2vec" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return sample_dataset_dir(cache_dir=tmp_path_factory.mktemp("cache"), num_images=32, seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_ds_config(path: Path, stage: int, micro_batch: int) -> Path:
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                                "gradient_clipping": 1.0, "bf16": {"enabled": "auto"},
+                                "zero_optimization": {"stage": stage}}))
+    return path
+
+
+def train(run_dir: Path, data_dir: Path, ds_config: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run train.py (plain python for 1 process, the deepspeed launcher for more); fail with its log."""
+    args = ["--ds_config", str(ds_config), "--output_dir", str(run_dir), "--data_path", str(data_dir),
+            "--teacher", "resnet18", "--teacher_stage", "2", "--teacher_weights", "random",
+            "--image_size", "32", "--patch_size", "8", "--decoder_depth", "1", "--decoder_width", "32",
+            "--decoder_heads", "2", "--num_workers", "0", "--log_every", "1", "--warmup_epochs", "0", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(free_port()), str(TRAIN), *args]
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_runs_three_steps_and_writes_every_artifact(stage, data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(run, data_dir, write_ds_config(tmp_path / "ds.json", stage, 8), "--max_steps", "3")
+    assert sorted(losses(run)) == [1, 2, 3] and all(map(torch.isfinite, map(torch.tensor, losses(run).values())))
+    assert (checkpoint_dir(str(run)) + "/latest") and open(checkpoint_dir(str(run)) + "/latest").read() == step_tag(3)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "loss.png").stat().st_size > 1000
+    assert (run / "config.yaml").exists() and json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 8
+
+    # The export loads into timm strictly, and timm's features equal ours.
+    meta = json.loads((run / "encoder.json").read_text())
+    weights = load_file(str(run / "encoder.safetensors"))
+    timm_vit = VisionTransformer(**meta["timm_kwargs"]).eval()
+    timm_vit.load_state_dict(weights, strict=True)
+    ours = build_student("vit_tiny", 32, 8, 128, 1, 32, 2).encoder.eval()
+    ours.load_state_dict(weights, strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(images), timm_vit.forward_features(images), atol=1e-5, rtol=0)
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(data_dir, tmp_path):
+    ds = write_ds_config(tmp_path / "ds.json", 2, 8)
+    run = tmp_path / "run"
+    train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+    straight = load_file(str(run / "encoder.safetensors"))
+    straight_losses = losses(run)
+
+    # Roll back to the step-2 checkpoint as if the job had died after writing it, then rerun.
+    shutil.rmtree(Path(checkpoint_dir(str(run))) / step_tag(4))
+    Path(checkpoint_dir(str(run)), "latest").write_text(step_tag(2))
+    (run / "encoder.safetensors").unlink()
+    (run / "metrics.jsonl").write_text("")
+    proc = train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+    assert "resumed from" in proc.stderr + proc.stdout
+    assert sorted(losses(run)) == [3, 4] and all(losses(run)[s] == straight_losses[s] for s in (3, 4))
+    resumed = load_file(str(run / "encoder.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_two_processes_zero3_match_one_process_at_the_same_global_batch(data_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(one, data_dir, write_ds_config(tmp_path / "ds8.json", 3, 8), "--max_steps", "4")
+    train(two, data_dir, write_ds_config(tmp_path / "ds4.json", 3, 4), "--max_steps", "4", nproc=2)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    wa, wb = load_file(str(one / "encoder.safetensors")), load_file(str(two / "encoder.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN), "--ds_config", "configs/ds_zero2.json", "--mask_ratio", "1.5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["config error: mask_ratio must be in (0, 1), got 1.5"]

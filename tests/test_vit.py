@@ -1,0 +1,67 @@
+"""Student ViT: timm-compatible encoder, MAE masking path, decoder output, size factories."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from img2vec.masking import random_masking
+from img2vec.vit import VIT_SIZES, VitEncoder, build_student, count_params, sincos_pos_embed
+
+
+def test_encoder_loads_into_timm_strict_and_features_match():
+    torch.manual_seed(0)
+    student = build_student("vit_tiny", 64, 16, 256, 1, 64, 2).eval()
+    timm_vit = VisionTransformer(**student.encoder.timm_kwargs()).eval()
+    timm_vit.load_state_dict(student.encoder.state_dict(), strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = student.encoder(images)  # (B, 1 + N, D)
+        theirs = timm_vit.forward_features(images)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_visible_only_encoder_equals_gathering_from_the_full_sequence_when_depth_is_zero():
+    enc = VitEncoder(32, 8, 64, depth=0, heads=2).eval()
+    images = torch.randn(2, 3, 32, 32)
+    mask = random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    full = enc(images)[:, 1:]  # (B, N, D) after the final norm, which is per token
+    vis = enc(images, mask.ids_keep)[:, 1:]  # (B, V, D)
+    torch.testing.assert_close(vis, torch.gather(full, 1, mask.ids_keep[..., None].expand(-1, -1, 64)))
+
+
+def test_student_predicts_every_patch_and_masked_patches_get_gradient():
+    student = build_student("vit_tiny", 32, 8, 24, 1, 32, 2)
+    mask = random_masking(3, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    pred = student(torch.randn(3, 3, 32, 32), mask.ids_keep, mask.ids_restore)
+    assert pred.shape == (3, 16, 24)
+    pred.pow(2).mean().backward()
+    assert student.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert student.decoder.mask_token.grad.abs().sum() > 0
+    assert not student.encoder.pos_embed.requires_grad  # fixed sin-cos
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+def test_attention_impls_agree(impl):
+    torch.manual_seed(0)
+    ref = build_student("vit_tiny", 32, 8, 24, 1, 32, 2, attn_impl="math")
+    other = build_student("vit_tiny", 32, 8, 24, 1, 32, 2, attn_impl=impl)
+    other.load_state_dict(ref.state_dict())
+    mask = random_masking(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(other(x, mask.ids_keep, mask.ids_restore), ref(x, mask.ids_keep, mask.ids_restore),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_sincos_is_mae_layout():
+    emb = sincos_pos_embed(8, 2, cls_token=True)  # (1, 1 + 4, 8)
+    assert emb.shape == (1, 5, 8) and emb[0, 0].abs().sum() == 0
+    # patch 1 is (row 0, col 1): its first half encodes x = 1, the second half y = 0.
+    assert torch.allclose(emb[0, 2, :2], torch.sin(torch.tensor([1.0, 0.01])))
+    assert torch.allclose(emb[0, 2, 4:6], torch.zeros(2))
+
+
+@pytest.mark.parametrize("name, millions", [("vit_tiny", 5.5), ("vit_base", 85.8), ("vit_huge", 630.8)])
+def test_size_factories_match_published_parameter_counts(name, millions):
+    size = VIT_SIZES[name]
+    with torch.device("meta"):
+        enc = VitEncoder(224, size.patch_size, size.width, size.depth, size.heads)
+    assert abs(count_params(enc) / 1e6 - millions) < 0.1
