@@ -57,8 +57,9 @@ def masked_feature_loss_ref(
         raise ValueError(f"beta must be > 0, got {beta}")
     B, N, C = target.shape
     M = ids_masked.shape[1]
-    if ids_masked.shape[0] != B:
-        raise ValueError(f"ids_masked has batch {ids_masked.shape[0]}, target has {B}")
+    if ids_masked.shape[0] != B or pred.shape[0] != B:
+        raise ValueError(f"batch sizes differ: pred {pred.shape[0]}, target {B}, ids_masked {ids_masked.shape[0]}")
+    ids_masked = ids_masked.long()  # int32 ids are accepted, as by the kernel
     if pred.shape[1] == N:
         pred_m = gather_rows(pred, ids_masked)  # (B, M, C)
     elif pred.shape[1] == M:

@@ -119,3 +119,14 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["config error: mask_ratio must be in (0, 1), got 1.5"]
+
+
+def test_triton_loss_matches_reference_step_by_step_in_the_trainer(data_dir, tmp_path):
+    # On CPU the kernel runs under TRITON_INTERPRET=1 (set by conftest.py); fp32 both ways.
+    ds = write_ds_config(tmp_path / "ds.json", 2, 8)
+    train(tmp_path / "ref", data_dir, ds, "--max_steps", "3", "--loss_impl", "reference")
+    proc = train(tmp_path / "tri", data_dir, ds, "--max_steps", "3", "--loss_impl", "triton")
+    assert "loss triton" in proc.stderr
+    ref, tri = losses(tmp_path / "ref"), losses(tmp_path / "tri")
+    assert sorted(ref) == sorted(tri) == [1, 2, 3]
+    assert all(abs(ref[s] - tri[s]) <= 1e-5 for s in ref), (ref, tri)
