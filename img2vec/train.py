@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             lr = cosine_schedule(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             set_lr_wd(optimizer, lr, cosine_schedule(step, total_steps, 0, cfg.weight_decay, final_wd))
 
-            pred = engine(images.to(dtype), mask.ids_keep, mask.ids_restore)  # (B, N, C)
+            pred = engine(images.to(dtype), mask.ids_keep, mask.ids_restore, mask.ids_masked)  # (B, M, C)
             loss = loss_fn(pred, target, mask.ids_masked, cfg.loss_beta, cfg.loss_eps)
             engine.backward(loss)
             engine.step()  # updates only at the accumulation boundary

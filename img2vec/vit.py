@@ -182,8 +182,11 @@ class Decoder(nn.Module):
         self.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent (B, 1 + V, D), ids_restore (B, N) -> pred (B, N, C) in patch order."""
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor,
+                ids_masked: torch.Tensor | None = None) -> torch.Tensor:
+        """latent (B, 1 + V, D), ids_restore (B, N) -> pred (B, N, C) in patch order, or
+        (B, M, C) for the patches in ids_masked (B, M) only: the loss scores only those, so
+        the head skips the visible ones and the gradient is B*M*C, not a zero-filled B*N*C."""
         x = self.embed(latent)  # (B, 1 + V, Dd)
         B, N = ids_restore.shape
         masks = self.mask_token.expand(B, N - (x.shape[1] - 1), -1)  # (B, M, Dd)
@@ -192,7 +195,10 @@ class Decoder(nn.Module):
         x = torch.cat([x[:, :1], x_], dim=1) + self.pos_embed  # (B, 1 + N, Dd)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x)[:, 1:])  # (B, N, C)
+        x = x[:, 1:]  # (B, N, Dd), patch order
+        if ids_masked is not None:
+            x = torch.gather(x, 1, ids_masked.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, M, Dd)
+        return self.head(self.norm(x))  # (B, N or M, C)
 
 
 class Img2VecStudent(nn.Module):
@@ -203,9 +209,11 @@ class Img2VecStudent(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W), ids_keep (B, V), ids_restore (B, N) -> pred (B, N, C)."""
-        return self.decoder(self.encoder(images, ids_keep), ids_restore)
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor, ids_restore: torch.Tensor,
+                ids_masked: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W), ids_keep (B, V), ids_restore (B, N), ids_masked (B, M)
+        -> pred (B, M, C) in the order of ids_masked, or (B, N, C) when ids_masked is None."""
+        return self.decoder(self.encoder(images, ids_keep), ids_restore, ids_masked)
 
 
 def build_student(model: str, image_size: int, patch_size: int, out_channels: int,

@@ -31,8 +31,11 @@ def test_visible_only_encoder_equals_gathering_from_the_full_sequence_when_depth
 def test_student_predicts_every_patch_and_masked_patches_get_gradient():
     student = build_student("vit_tiny", 32, 8, 24, 1, 32, 2)
     mask = random_masking(3, 16, 0.75, generator=torch.Generator().manual_seed(0))
-    pred = student(torch.randn(3, 3, 32, 32), mask.ids_keep, mask.ids_restore)
+    images = torch.randn(3, 3, 32, 32)
+    pred = student(images, mask.ids_keep, mask.ids_restore)
     assert pred.shape == (3, 16, 24)
+    pred_masked = student(images, mask.ids_keep, mask.ids_restore, mask.ids_masked)  # (B, M, C)
+    torch.testing.assert_close(pred_masked, torch.gather(pred, 1, mask.ids_masked[..., None].expand(-1, -1, 24)))
     pred.pow(2).mean().backward()
     assert student.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     assert student.decoder.mask_token.grad.abs().sum() > 0
