@@ -1,0 +1,333 @@
+"""Token diversity of teacher features: pick the teacher whose patch tokens differ most.
+
+Img2Vec (Pan et al., 2023) finds that the best MIM teacher is the one of highest *token
+diversity*, the dissimilarity among the feature vectors of one image's tokens. The paper's
+exact formula is not available; we use, for an image's tokens F (N, C), rows f_i:
+
+    diversity(F) = 1 - mean_{i != j} cos(f_i, f_j)
+
+averaged over images. 0: all tokens point the same way (collapse); 1: mutually orthogonal
+tokens (or uncorrelated zero-mean ones). Range [0, 2] as documented; in fact, since
+||sum_i u_i||^2 >= 0 for the unit vectors u_i, the mean cosine is >= -1/(N-1) and the
+diversity <= 1 + 1/(N-1). A zero token counts as cos 0 with every other token.
+
+Cost: sum_{i != j} cos(f_i, f_j) = ||sum_i u_i||^2 - sum_i ||u_i||^2, so no (N, N) matrix
+is formed: O(N C) work, rows taken in chunks (fp64 accumulation), no host sync.
+
+Effective rank (Roy & Vetterli, 2007), a second view: exp of the entropy of the singular
+values of F normalized to sum 1; in [1, min(N, C)] (0 for an all-zero F). It equals r for
+r equal nonzero singular values. Computed from the fp64 Gram matrix (F F^T if N <= C, else
+F^T F), built in chunks: at most O(min(N, C)^2 + N^2) floats per image at once.
+
+The command ranks teachers on the same images:
+
+    python -m img2vec.diversity --teacher resnet50 --stage 3 --weights r50.pth \\
+        --teacher vit_small_patch16_224 --stage 8 --weights dino_vits16.pth --images 256
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+log = logging.getLogger("img2vec.diversity")
+
+
+def _as_batch(features: torch.Tensor) -> torch.Tensor:
+    """(N, C) or (B, N, C) -> (B, N, C)."""
+    if features.dim() == 2:
+        features = features.unsqueeze(0)
+    if features.dim() != 3:
+        raise ValueError(f"features must be (B, N, C) or (N, C), got shape {tuple(features.shape)}")
+    return features
+
+
+def _rows_per_chunk(N: int, C: int, chunk_size) -> int:
+    """Rows of (., C) per chunk: at most N^2 floats (chunk * C <= N^2) unless chunk_size is given."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, min(N, N * N // max(C, 1)))
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "none":
+        return values
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def token_diversity(features: torch.Tensor, reduction: str = "mean", chunk_size=None) -> torch.Tensor:
+    """1 - mean over pairs i != j of cos(f_i, f_j), per image, then averaged over images.
+
+    features: (B, N, C) (or (N, C)), any float dtype, any device; N >= 2.
+    reduction: "mean" -> fp32 scalar (), "none" -> fp32 (B,).
+    chunk_size: tokens per chunk (default: as many as keep a chunk under N^2 floats).
+    No host sync: safe to call every step; read it with .item() at log time.
+    """
+    x = _as_batch(features).detach()
+    B, N, C = x.shape
+    if N < 2:
+        raise ValueError(f"token diversity needs N >= 2 tokens per image, got N={N}")
+    s = torch.zeros(B, C, dtype=torch.float64, device=x.device)  # sum_i u_i
+    sq = torch.zeros(B, dtype=torch.float64, device=x.device)  # sum_i ||u_i||^2 (1, or 0 for a zero token)
+    step = _rows_per_chunk(N, C, chunk_size)
+    for n0 in range(0, N, step):
+        u = torch.nn.functional.normalize(x[:, n0:n0 + step].double(), dim=-1)  # (B, n, C) unit rows
+        s += u.sum(1)
+        sq += u.square().sum((1, 2))
+    mean_cos = (s.square().sum(-1) - sq) / (N * (N - 1))  # (B,)
+    return _reduce((1.0 - mean_cos).float(), reduction)
+
+
+def effective_rank(features: torch.Tensor, reduction: str = "mean", chunk_size=None) -> torch.Tensor:
+    """exp(entropy of singular values / their sum) of each image's F (N, C); fp32 () or (B,).
+
+    Gram matrix in fp64 (F F^T when N <= C, else F^T F), accumulated over chunks of the
+    longer side. eigvalsh checks for errors, so on CUDA this one syncs: use it at log time.
+    """
+    x = _as_batch(features).detach()
+    B, N, C = x.shape
+    if N <= C:  # G = F F^T (B, N, N), chunks over channels
+        G = torch.zeros(B, N, N, dtype=torch.float64, device=x.device)
+        step = _rows_per_chunk(N, C, chunk_size) if chunk_size else N
+        for c0 in range(0, C, step):
+            f = x[:, :, c0:c0 + step].double()  # (B, N, c)
+            G += f @ f.transpose(1, 2)
+    else:  # G = F^T F (B, C, C), chunks over tokens
+        G = torch.zeros(B, C, C, dtype=torch.float64, device=x.device)
+        step = _rows_per_chunk(N, C, chunk_size)
+        for n0 in range(0, N, step):
+            f = x[:, n0:n0 + step].double()  # (B, n, C)
+            G += f.transpose(1, 2) @ f
+    sigma = torch.linalg.eigvalsh(G).clamp_min(0).sqrt()  # (B, min(N, C)) singular values
+    total = sigma.sum(-1, keepdim=True)  # (B, 1)
+    p = sigma / total.clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(-1)  # (B,), 0 log 0 = 0
+    erank = torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
+    return _reduce(erank.float(), reduction)
+
+
+# ------------------------------------------------------------------------------------------
+# The command: rank teachers / stages on the same images.
+# ------------------------------------------------------------------------------------------
+
+class _TeacherArg(argparse.Action):
+    """--teacher starts a new entry; --stage / --weights after it belong to it."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        entries = getattr(namespace, "entries", None) or []
+        if self.dest == "teacher":
+            entries.append({"teacher": value, "stages": [], "weights": None})
+        elif not entries:
+            parser.error(f"{option_string} must follow a --teacher")
+        elif self.dest == "stage":
+            entries[-1]["stages"] += [s for s in value.split(",") if s]
+        else:
+            if entries[-1]["weights"] is not None:
+                parser.error(f"--weights given twice for --teacher {entries[-1]['teacher']}")
+            entries[-1]["weights"] = value
+        namespace.entries = entries
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m img2vec.diversity",
+        description="Rank teachers (and stages of one teacher) by the token diversity of their "
+                    "features on the same images: 1 - mean pairwise cosine among an image's "
+                    "tokens (higher = more diverse), and the effective rank of its tokens.")
+    p.add_argument("--teacher", action=_TeacherArg, metavar="NAME",
+                   help="timm model name (resnet50, vit_small_patch16_224, ...); repeat for more")
+    p.add_argument("--stage", action=_TeacherArg, metavar="S",
+                   help="stage index or module name of the preceding --teacher (CNN: 3 or layer3; "
+                        "ViT: block k, 0-based); repeat or comma-separate for several. Default: "
+                        "CNN the deepest stage with stride <= patch size, ViT the last block")
+    p.add_argument("--weights", action=_TeacherArg, metavar="PATH",
+                   help="checkpoint of the preceding --teacher (.pth/.safetensors; DINO, MoCo v3, "
+                        "torchvision, timm layouts); omitted or 'random': random init (a warning)")
+    p.add_argument("--data", default="", help="ImageFolder dir or file list (default: bundled sample images)")
+    p.add_argument("--images", type=int, default=256, help="images to average over (seeded subset)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--patch-size", type=int, default=16, help="the student's patch size: the token grid")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default="runs/diversity", help="folder for diversity.json and diversity.png")
+    p.add_argument("--seed", type=int, default=0, help="image subset and random-init seed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    args.entries = getattr(args, "entries", None) or [{"teacher": "resnet50", "stages": [], "weights": None}]
+    if args.images < 1 or args.batch_size < 1 or args.image_size < args.patch_size:
+        p.error("--images and --batch-size must be >= 1, --image-size >= --patch-size")
+    return args
+
+
+def _default_stage(name: str, patch_size: int) -> int:
+    """CNN: deepest stage with stride <= p (resnet50, p=16: 3); ViT: its last block."""
+    import timm
+    from img2vec.teacher import _is_vit, validate_teacher_stage
+
+    validate_teacher_stage(name, 0)  # an unknown name fails here, in one line
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    strides = [d["reduction"] for d in model.feature_info]
+    if _is_vit(model):
+        return len(strides) - 1
+    return max([i for i, s in enumerate(strides) if s <= patch_size] or [0])
+
+
+def list_images(data: str, count: int, seed: int) -> list:
+    """`count` image paths of an ImageFolder tree or file list: a seeded subset, in file order."""
+    from dataloading import ImageDataset, sample_dataset_dir
+
+    root = data or str(sample_dataset_dir())
+    paths = ImageDataset(root, image_size=8).paths  # listing only: the augmentation is not used
+    if count < len(paths):
+        keep = np.sort(np.random.default_rng(seed).choice(len(paths), count, replace=False))
+        paths = [paths[i] for i in keep]
+    elif count > len(paths):
+        log.warning("--images %d but %s holds %d images: using all of them", count, root, len(paths))
+    return paths
+
+
+def load_center_crop(path, image_size: int) -> torch.Tensor:
+    """Deterministic eval view: short side resized to image_size (bicubic), center crop, ImageNet
+    normalization as in training. Returns (3, image_size, image_size) fp32."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+
+    from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    im = TF.resize(im, image_size, InterpolationMode.BICUBIC)
+    im = TF.center_crop(im, [image_size, image_size])
+    return TF.normalize(TF.to_tensor(im), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _resampling(stride: int, patch: int) -> str:
+    return "none" if stride == patch else ("avg-pool" if stride < patch else "bilinear")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run every teacher/stage on the same images; return the JSON-able report (rows ranked)."""
+    from tqdm import tqdm
+
+    from img2vec.teacher import Teacher
+
+    device = torch.device(args.device)
+    g = args.image_size // args.patch_size
+    teachers = []
+    for e in args.entries:
+        weights = e["weights"] or "random"
+        for stage in e["stages"] or [_default_stage(e["teacher"], args.patch_size)]:
+            t = Teacher(e["teacher"], stage, weights, args.patch_size, args.image_size, seed=args.seed)
+            teachers.append((e["teacher"], weights, t.to(device)))
+    paths = list_images(args.data, args.images, args.seed)
+    per_image = [{"diversity": [], "effective_rank": []} for _ in teachers]
+    start = time.perf_counter()
+    with tqdm(total=len(paths), unit="img", desc="token diversity", file=sys.stderr) as bar:
+        for b0 in range(0, len(paths), args.batch_size):
+            batch = paths[b0:b0 + args.batch_size]
+            images = torch.stack([load_center_crop(p, args.image_size) for p in batch]).to(device)
+            for (_, _, t), acc in zip(teachers, per_image):
+                feats = t(images)  # (B, N, C) fp32 on the student grid
+                acc["diversity"] += token_diversity(feats, reduction="none").tolist()
+                acc["effective_rank"] += effective_rank(feats, reduction="none").tolist()
+            bar.update(len(batch))
+    rows = []
+    for (name, weights, t), acc in zip(teachers, per_image):
+        d, r = np.asarray(acc["diversity"]), np.asarray(acc["effective_rank"])
+        rows.append({
+            "teacher": name, "stage": t.info.index, "module": t.info.module, "kind": t.info.kind,
+            "weights": weights, "channels": t.channels, "stride": t.stride,
+            "resampling": _resampling(t.stride, args.patch_size),
+            "diversity_mean": float(d.mean()), "diversity_std": float(d.std()),
+            "effective_rank_mean": float(r.mean()), "effective_rank_std": float(r.std()),
+            "effective_rank_max": min(g * g, t.channels),
+        })
+    rows.sort(key=lambda r: -r["diversity_mean"])
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return {
+        "definition": "diversity = 1 - mean_{i!=j} cos(f_i, f_j) over an image's tokens, mean over "
+                      "images, range [0, 2]; effective_rank = exp(entropy of normalized singular values)",
+        "data": args.data or "bundled sample images", "images": len(paths),
+        "image_size": args.image_size, "patch_size": args.patch_size, "grid": [g, g],
+        "seconds": round(time.perf_counter() - start, 1), "results": rows,
+    }
+
+
+def format_table(report: dict) -> str:
+    """A fixed-width table, one row per teacher/stage, best (most diverse) first."""
+    head = ("rank", "teacher", "stage", "weights", "C", "stride", "diversity", "eff. rank / max")
+    lines = [(str(r["rank"]), r["teacher"], f"{r['stage']} ({r['module']})",
+              os.path.basename(r["weights"]), str(r["channels"]),
+              f"{r['stride']} {r['resampling']}",
+              f"{r['diversity_mean']:.3f} ± {r['diversity_std']:.3f}",
+              f"{r['effective_rank_mean']:.1f} / {r['effective_rank_max']}")
+             for r in report["results"]]
+    widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    g = report["grid"]
+    title = (f"token diversity on {report['images']} images ({report['data']}), "
+             f"{report['image_size']} px, patch {report['patch_size']} -> {g[0]}x{g[1]} tokens")
+    return "\n".join([title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+
+
+def plot(report: dict, path: str) -> None:
+    """Horizontal bars, best on top: diversity (± std over images) and effective rank."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"][::-1]  # matplotlib draws bottom-up: best at the top
+    labels = [f"{r['teacher']}\n{r['module']} (stage {r['stage']}, C={r['channels']})"
+              + ("\nrandom init" if r["weights"] == "random" else "") for r in rows]
+    y = np.arange(len(rows))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 1.6 + 0.75 * len(rows)), sharey=True)
+    d = [r["diversity_mean"] for r in rows]
+    a.barh(y, d, xerr=[r["diversity_std"] for r in rows], color="tab:blue", capsize=3)
+    a.set_xlim(0, max(1.0, max(d) * 1.25))
+    a.set_xlabel("token diversity = 1 - mean pairwise cosine\n(higher = more diverse; bar: ± std over images)")
+    for yi, v in zip(y, d):
+        a.text(v + 0.01, yi + 0.25, f"{v:.3f}", va="center", fontsize=9)
+    e = [r["effective_rank_mean"] for r in rows]
+    b.barh(y, e, color="tab:orange")
+    b.set_xlim(0, max(e) * 1.3 if max(e) > 0 else 1)
+    b.set_xlabel("effective rank of an image's tokens\n(label: mean / max possible = min(N, C))")
+    for yi, r in zip(y, rows):
+        b.text(r["effective_rank_mean"], yi, f" {r['effective_rank_mean']:.1f} / {r['effective_rank_max']}",
+               va="center", fontsize=9)
+    a.set_yticks(y, labels, fontsize=9)
+    g = report["grid"]
+    fig.suptitle(f"Teacher token diversity: {report['images']} images, {report['image_size']} px, "
+                 f"patch {report['patch_size']} ({g[0]}x{g[1]} tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        report = measure(args)
+    except (ValueError, FileNotFoundError) as e:  # bad teacher / stage / weights / data: one line
+        log.error("%s", e)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "diversity.json"), os.path.join(args.out, "diversity.png")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    plot(report, png_path)
+    print(format_table(report))
+    print(f"wrote {json_path} and {png_path} ({report['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
