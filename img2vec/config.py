@@ -67,6 +67,8 @@ class Config:
     loss_impl: str = "auto"
     attn_impl: str = "auto"
     fused_optim: str = "auto"
+    compile: bool = False  # torch.compile the student and the teacher (GPU; slow to warm up on CPU)
+    grad_ckpt: int = 0  # encoder blocks that recompute activations in backward (0 = none)
 
     @property
     def resolved_patch_size(self) -> int:
@@ -90,6 +92,9 @@ class Config:
             raise ConfigError(f"image_size {self.image_size} is not divisible by patch_size {p}: "
                               f"use a multiple of {p} (e.g. {max(p, self.image_size // p * p)})")
         width = VIT_SIZES[self.model].width
+        if not 0 <= self.grad_ckpt <= VIT_SIZES[self.model].depth:
+            raise ConfigError(f"grad_ckpt must be in 0..{VIT_SIZES[self.model].depth} (encoder depth "
+                              f"of {self.model}), got {self.grad_ckpt}")
         for name, value in (("decoder_width", self.decoder_width), ("decoder_heads", self.decoder_heads),
                             ("decoder_depth", self.decoder_depth), ("epochs", self.epochs)):
             if value <= 0:

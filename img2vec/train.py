@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     attn_impl = resolve_attn(cfg.attn_impl, device)
     loss_name, loss_fn = resolve_loss(cfg.loss_impl, device)
     student = build_student(cfg.model, cfg.image_size, cfg.resolved_patch_size, teacher.channels,
-                            cfg.decoder_depth, cfg.decoder_width, cfg.decoder_heads, attn_impl).to(device)
+                            cfg.decoder_depth, cfg.decoder_width, cfg.decoder_heads, attn_impl,
+                            cfg.grad_ckpt).to(device)
     peak_lr = cfg.base_lr * global_batch / 256  # MAE's linear scaling rule
     final_wd = cfg.weight_decay if cfg.weight_decay_end < 0 else cfg.weight_decay_end
     optimizer = build_optimizer(student, peak_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
@@ -98,6 +99,9 @@ def main(argv=None) -> int:
     import deepspeed
 
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    if cfg.compile:  # after initialize: DeepSpeed's hooks stay outside the compiled graphs
+        engine.compile()
+        teacher = torch.compile(teacher)
     log.info("student %s: %.1fM params (encoder %.1fM), %d patches, mask %.2f; teacher %s stage %d "
              "(C=%d, weights=%s); attention %s, loss %s, %s on %s; world %d x micro %d x accum %d = %d "
              "images/step, %d steps, peak lr %.2e", cfg.model, student_params / 1e6,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 ATTN_IMPLS = ("auto", "sdpa", "xformers", "math")
 
@@ -133,9 +134,10 @@ class VitEncoder(nn.Module):
     """ViT encoder that runs on visible patches only. State-dict names == timm VisionTransformer."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0, attn_impl: str = "sdpa"):
+                 mlp_ratio: float = 4.0, attn_impl: str = "sdpa", grad_ckpt: int = 0):
         super().__init__()
         assert image_size % patch_size == 0
+        self.grad_ckpt = grad_ckpt  # the first `grad_ckpt` blocks recompute activations in backward
         self.image_size, self.patch_size, self.width = image_size, patch_size, width
         self.depth, self.heads, self.mlp_ratio = depth, heads, mlp_ratio
         self.grid = image_size // patch_size
@@ -156,8 +158,11 @@ class VitEncoder(nn.Module):
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, V, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + V, D)
-        for block in self.blocks:
-            x = block(x)
+        recompute = self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            # Activation checkpointing trades one extra block forward for not keeping the
+            # block's activations: what lets ViT-H fit a useful micro-batch.
+            x = checkpoint(block, x, use_reentrant=False) if recompute and i < self.grad_ckpt else block(x)
         return self.norm(x)
 
     def timm_kwargs(self) -> dict:
@@ -218,11 +223,12 @@ class Img2VecStudent(nn.Module):
 
 def build_student(model: str, image_size: int, patch_size: int, out_channels: int,
                   decoder_depth: int, decoder_width: int, decoder_heads: int,
-                  attn_impl: str = "sdpa") -> Img2VecStudent:
-    """Size factory: model in VIT_SIZES, patch_size 0 means the size's default."""
+                  attn_impl: str = "sdpa", grad_ckpt: int = 0) -> Img2VecStudent:
+    """Size factory: model in VIT_SIZES, patch_size 0 means the size's default;
+    grad_ckpt = number of encoder blocks (from the first) that recompute activations."""
     size = VIT_SIZES[model]
     encoder = VitEncoder(image_size, patch_size or size.patch_size, size.width, size.depth, size.heads,
-                         attn_impl=attn_impl)
+                         attn_impl=attn_impl, grad_ckpt=grad_ckpt)
     decoder = Decoder(encoder.num_patches, encoder.grid, size.width, decoder_width, decoder_depth,
                       decoder_heads, out_channels, attn_impl)
     return Img2VecStudent(encoder, decoder)
