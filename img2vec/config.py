@@ -62,6 +62,7 @@ class Config:
     log_every: int = 5  # optimizer steps between logged metrics (the only host syncs)
     ckpt_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = True  # continue from the latest checkpoint in output_dir
+    diversity_every: int = 25  # optimizer steps between token-diversity readings (collapse alarm); 0 = off
     seed: int = 0
     # Fast-path switches (auto picks the fastest that runs here and logs it).
     loss_impl: str = "auto"
@@ -107,8 +108,8 @@ class Config:
             raise ConfigError(f"loss_beta and loss_eps must be > 0, got {self.loss_beta}, {self.loss_eps}")
         if self.base_lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0:
             raise ConfigError("base_lr must be > 0, min_lr and warmup_epochs >= 0")
-        if self.log_every <= 0 or self.ckpt_every < 0 or self.max_steps < 0:
-            raise ConfigError("log_every must be > 0, ckpt_every and max_steps >= 0")
+        if self.log_every <= 0 or min(self.ckpt_every, self.max_steps, self.diversity_every) < 0:
+            raise ConfigError("log_every must be > 0; ckpt_every, max_steps and diversity_every >= 0")
         if self.teacher_weights == "" and not self.uses_sample_data:
             raise ConfigError("set teacher_weights to a local .safetensors/.pth file of the teacher "
                               "(or 'random' to train against an untrained teacher)")

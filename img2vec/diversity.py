@@ -331,3 +331,17 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def collapse_probe(pred: torch.Tensor, target: torch.Tensor, ids_masked: torch.Tensor,
+                   images: int = 4) -> dict[str, torch.Tensor]:
+    """Token diversity of the student's predictions and of what they regress, on a few images.
+
+    pred (B, M, C) for the masked patches, target (B, N, C) raw teacher features, ids_masked
+    (B, M). Returns device scalars (no host sync): `div_pred` falling far below `div_target`
+    means the student is collapsing to one vector.
+    """
+    k, C = min(images, pred.shape[0]), target.shape[-1]
+    wanted = torch.gather(target[:k], 1, ids_masked[:k, :, None].expand(-1, -1, C))  # (k, M, C)
+    return {"div_pred": token_diversity(pred[:k].detach().float()),
+            "div_target": token_diversity(torch.nn.functional.layer_norm(wanted.float(), (C,)))}

@@ -24,6 +24,7 @@ from dataloading import LoaderSpec, build_loader
 from img2vec.checkpoint import (consolidated_fp32_state_dict, export_encoder, frozen_parameters,
                                 resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, load_config
+from img2vec.diversity import collapse_probe
 from img2vec.engine import (build_optimizer, cosine_schedule, ds_precision, init_distributed,
                             load_ds_config, seed_everything, set_lr_wd)
 from img2vec.fastpaths import resolve_attn, resolve_loss
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     metrics = MetricsLogger(cfg.output_dir, total_steps, step, enabled=rank == 0)
     micro_step = step * accum_steps  # index into the endless stream of micro-batches
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no per-step host sync
+    diversity = {}  # device scalars from the last collapse probe, read at the next log
     window_start, window_images = time.perf_counter(), 0
     while step < total_steps:
         epoch, offset = divmod(micro_step, micro_steps_per_epoch)
@@ -136,6 +138,8 @@ def main(argv=None) -> int:
 
             pred = engine(images.to(dtype), mask.ids_keep, mask.ids_restore, mask.ids_masked)  # (B, M, C)
             loss = loss_fn(pred, target, mask.ids_masked, cfg.loss_beta, cfg.loss_eps)
+            if cfg.diversity_every and micro_step % (cfg.diversity_every * accum_steps) == 0:
+                diversity = collapse_probe(pred, target, mask.ids_masked)  # step 0: the teacher's, at start
             engine.backward(loss)
             engine.step()  # updates only at the accumulation boundary
             loss_sum += loss.detach()
@@ -152,7 +156,8 @@ def main(argv=None) -> int:
                     (step % cfg.log_every) * accum_steps)
                 elapsed = time.perf_counter() - window_start
                 metrics.log(step, {"loss": loss_sum.item() / (n_micro * world_size), "lr": lr,
-                                   "img_per_s": window_images / elapsed, "epoch": epoch})
+                                   "img_per_s": window_images / elapsed, "epoch": epoch,
+                                   **{name: value.item() for name, value in diversity.items()}})
                 loss_sum.zero_()
                 window_start, window_images = time.perf_counter(), 0
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps:
