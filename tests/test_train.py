@@ -1,6 +1,6 @@
 """End to end: img2vec/train.py in real processes under real DeepSpeed engines (gloo, CPU).
 
-Each run is a tiny student on 32 real JPEGs, a few optimizer steps, fp32.
+Each run is a tiny student on 64 real JPEGs, a few optimizer steps, fp32.
 """
 import json
 import os
@@ -25,7 +25,7 @@ TRAIN = REPO / "img2vec" / "train.py"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return sample_dataset_dir(cache_dir=tmp_path_factory.mktemp("cache"), num_images=32, seed=0)
+    return sample_dataset_dir(cache_dir=tmp_path_factory.mktemp("cache"), num_images=64, seed=0)
 
 
 def free_port() -> int:
@@ -130,3 +130,13 @@ def test_triton_loss_matches_reference_step_by_step_in_the_trainer(data_dir, tmp
     ref, tri = losses(tmp_path / "ref"), losses(tmp_path / "tri")
     assert sorted(ref) == sorted(tri) == [1, 2, 3]
     assert all(abs(ref[s] - tri[s]) <= 1e-5 for s in ref), (ref, tri)
+
+
+def test_vit_huge_engine_config_trains_a_scaled_down_model_on_two_processes(data_dir, tmp_path):
+    # The ViT-H recipe's engine (ZeRO-3) and activation checkpointing on every block, at tiny size.
+    run = tmp_path / "run"
+    train(run, data_dir, REPO / "configs" / "ds_zero3_vit_huge.json", "--grad_ckpt", "12", "--max_steps", "2",
+          nproc=2)
+    assert sorted(losses(run)) == [1, 2]
+    shards = list((Path(checkpoint_dir(str(run))) / step_tag(2)).glob("*optim_states.pt"))
+    assert len(shards) == 2 and (run / "encoder.safetensors").exists()
