@@ -1,23 +1,26 @@
 """Image data set for MIM pretraining, with per-sample seeded augmentation.
 
-`ImageDataset(path, image_size)` reads an ImageFolder tree (root/<class>/<image>) or a
-text file list, decodes with PIL to RGB and applies the MAE pretraining augmentation:
-RandomResizedCrop(image_size, scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic) ->
-RandomHorizontalFlip -> ToTensor -> Normalize(ImageNet mean/std).
+`ImageDataset(path, image_size)` reads any data set `sources.open_source` accepts (an
+ImageFolder tree, a file list, WebDataset tar shards), decodes with PIL to RGB and applies
+the MAE pretraining augmentation: RandomResizedCrop(image_size, scale=(0.2, 1.0),
+ratio=(3/4, 4/3), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize(ImageNet
+mean/std). With augment=False the crop is the central square and there is no flip.
 
 dataset[i] returns (image, index): image (3, H, W) float32 with H = W = image_size, and
-the index of the file actually decoded (it differs from i only if file i was unreadable).
+the index of the file actually decoded (it differs from i only if file i was unreadable:
+the next readable file takes its place, with the crop that sample i would have had).
 
 The random draws of sample i come from a generator seeded by (seed, epoch, i) alone, not
 from worker ids or ranks, so the same sample gets the same crop however the data set is
 split across workers and processes: resume and world-size changes reproduce batches exactly.
+`augment_params` is that draw; the DALI backend (dali.py) uses it too, so both backends crop
+the same boxes.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,16 +29,21 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from .sources import BadImage, Source, check_image, decode_rgb, open_source
+
 log = logging.getLogger("img2vec.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SCALE = (0.2, 1.0)  # RandomResizedCrop area fraction (MAE pretraining)
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio w / h
 
 # Tags keep the seed streams of different uses apart (SeedSequence treats [a, b] and
 # [a, b, 0] alike, so a bare key tuple could collide with a longer one).
 AUGMENT_STREAM = 0
 PERMUTATION_STREAM = 1
+
+Skip = tuple[str, str]  # (name of the file, reason it was skipped)
 
 
 def derive_seed(*keys: int) -> int:
@@ -76,117 +84,123 @@ def sample_crop(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, CMYK, RGBA, P, ...) to RGB."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
-    return image.convert("RGB")
+def augment_params(
+    height: int,
+    width: int,
+    seed: int,
+    epoch: int,
+    index: int,
+    augment: bool = True,
+    scale: tuple[float, float] = SCALE,
+    ratio: tuple[float, float] = RATIO,
+) -> tuple[int, int, int, int, bool]:
+    """(top, left, h, w, flip) for sample `index` of `epoch`: a function of its arguments only."""
+    if not augment:  # evaluation view: the central square, unflipped
+        side = min(height, width)
+        return (height - side) // 2, (width - side) // 2, side, side, False
+    generator = torch.Generator().manual_seed(derive_seed(AUGMENT_STREAM, seed, epoch, index))
+    top, left, h, w = sample_crop(height, width, scale, ratio, generator)
+    flip = bool(torch.rand(1, generator=generator).item() < 0.5)
+    return top, left, h, w, flip
 
 
-def _scan_folder(root: Path) -> tuple[list[Path], list[int]]:
-    """List images under root/<class>/ (any depth below the class folder), sorted; label = class order."""
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames.sort()  # os.walk order is file-system dependent; sorting makes indices stable
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(Path(dirpath) / filename)
-                    labels.append(label)
-    return paths, labels
+class SkipLog:
+    """Files skipped so far, each logged once (WARNING, logger img2vec.data) with its reason."""
 
+    def __init__(self) -> None:
+        self._reasons: dict[str, str] = {}
 
-def _read_list(list_file: Path) -> tuple[list[Path], list[int]]:
-    """Read 'path [label]' lines; relative paths are resolved against the list file's folder."""
-    paths: list[Path] = []
-    labels: list[int] = []
-    for line_no, line in enumerate(list_file.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("-").isdigit()):
-            raise ValueError(
-                f"{list_file}:{line_no}: expected 'path [integer label]', got {line!r}; "
-                "paths containing spaces are not supported"
-            )
-        paths.append(list_file.parent / fields[0])  # an absolute fields[0] replaces the parent
-        labels.append(int(fields[1]) if len(fields) == 2 else -1)
-    return paths, labels
+    def add(self, skips: list[Skip]) -> None:
+        for name, reason in skips:
+            if name not in self._reasons:
+                self._reasons[name] = reason
+                log.warning("skipping unreadable image %s: %s", name, reason)
+
+    def items(self) -> list[Skip]:
+        return list(self._reasons.items())
 
 
 class ImageDataset(Dataset):
-    """Images from an ImageFolder tree or a file list, MAE-augmented, seeded per (seed, epoch, index).
+    """Images from any data set `open_source` accepts, MAE-augmented, seeded per (seed, epoch, index).
 
     path: a directory laid out root/<class>/<image> (jpg, jpeg, png, bmp, webp, any case),
-    or a text file with one 'path [label]' per line. `labels[i]` is the class of image i
-    (-1 when a list gives none). A file that cannot be decoded is replaced by the next
-    decodable one, with a warning; `num_skipped` counts these (per process: each loader
-    worker keeps its own count).
+    a text file with one 'path [label]' per line, .tar shards, or an opened `Source`.
+    `labels[i]` is the class of image i (-1 when unknown). A file that cannot be used
+    (check_image or the decode fails) is replaced by the next usable one; `num_skipped`
+    counts these (per process: each loader worker keeps its own count) and the loader
+    collects their names (`load`) and logs each once.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | Source,
         image_size: int,
         seed: int = 0,
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        scale: tuple[float, float] = SCALE,
+        ratio: tuple[float, float] = RATIO,
+        augment: bool = True,
     ) -> None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"data path {path} does not exist; pass an ImageFolder directory or a file list")
-        if path.is_dir():
-            self.paths, self.labels = _scan_folder(path)
-            where = f"under {path}/<class>/ (expected layout root/<class>/<image>, extensions {', '.join(IMAGE_EXTENSIONS)})"
-        else:
-            self.paths, self.labels = _read_list(path)
-            where = f"listed in {path}"
-        if not self.paths:
-            raise ValueError(f"no images found {where}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        self.source = path if isinstance(path, Source) else open_source(path)
+        self.labels = self.source.labels
         self.image_size = image_size
         self.seed = seed
         self.scale = scale
         self.ratio = ratio
+        self.augment = augment
         self.epoch = 0
         self.num_skipped = 0
+        self._bad: dict[int, str] = {}  # files found unusable in this process
+
+    @property
+    def paths(self) -> list[str]:
+        """Display name of every sample: its path, or 'shard.tar:member'."""
+        return self.source.names
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.source)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentations __getitem__ draws."""
         self.epoch = epoch
 
-    def _load(self, index: int) -> Image.Image | None:
-        """Decode file `index` to RGB, or return None (after a warning) if it cannot be read."""
-        path = self.paths[index]
+    def _decode(self, index: int) -> Image.Image:
+        """Decode file `index` to RGB; raise BadImage with the reason if it cannot be used."""
+        if index in self._bad:
+            raise BadImage(self._bad[index])
         try:
-            with Image.open(path) as image:
-                return _to_rgb(image)  # convert() forces the full decode inside the try
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on bad files
+            data = self.source.read(index)
+            check_image(data)  # the same cheap test the DALI backend runs, so both skip the same files
+            return decode_rgb(data)
+        except (BadImage, OSError) as err:
+            self._bad[index] = str(err)
             self.num_skipped += 1
-            log.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
-            return None
+            raise BadImage(str(err)) from None
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        """Return (image (3, H, W) float32 normalized, index of the file decoded)."""
-        for offset in range(len(self.paths)):
-            source = (index + offset) % len(self.paths)  # deterministic substitute: the next file
-            image = self._load(source)
-            if image is not None:
+    def load(self, index: int) -> tuple[torch.Tensor, int, list[Skip]]:
+        """(image (3, H, W) float32 normalized, index of the file decoded, files skipped on the way)."""
+        skipped: list[Skip] = []
+        for offset in range(len(self)):
+            source = (index + offset) % len(self)  # deterministic substitute: the next file
+            try:
+                image = self._decode(source)
                 break
+            except BadImage as err:
+                log.debug("skipping %s: %s", self.source.names[source], err)
+                skipped.append((self.source.names[source], str(err)))
         else:
-            raise RuntimeError(f"none of the {len(self.paths)} images could be decoded; check the data set")
+            raise RuntimeError(f"none of the {len(self)} images could be decoded; run python -m dataloading.verify")
         # Seeded by the requested index, so a substitute gets the crop the missing sample would have.
-        generator = torch.Generator().manual_seed(derive_seed(AUGMENT_STREAM, self.seed, self.epoch, index))
-        top, left, h, w = sample_crop(image.height, image.width, self.scale, self.ratio, generator)
-        flip = bool(torch.rand(1, generator=generator).item() < 0.5)
+        top, left, h, w, flip = augment_params(image.height, image.width, self.seed, self.epoch, index,
+                                               self.augment, self.scale, self.ratio)
         image = TF.resized_crop(image, top, left, h, w, [self.image_size, self.image_size], InterpolationMode.BICUBIC)
         if flip:
             image = TF.hflip(image)
         tensor = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)  # (3, H, W)
+        return tensor, source, skipped
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Return (image (3, H, W) float32 normalized, index of the file decoded)."""
+        tensor, source, _ = self.load(index)
         return tensor, source

@@ -1,9 +1,17 @@
-"""Tests for dataloading/: sample set, ImageDataset, seeded augmentation, sharding, resume, errors."""
+"""Tests for dataloading/ on the torch backend: sample set, sources (folder, list, WebDataset),
+ImageDataset, seeded augmentation, sharding, resume, skipped files, verify, errors.
+
+DALI's pipelines, and the broken-input cases run on every backend, are in tests/test_dali.py.
+"""
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import os
+import shutil
+import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +20,18 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from dataloading import ImageDataset, LoaderSpec, build_loader, sample_dataset_dir
-from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD, sample_crop
+from dataloading import ImageDataset, LoaderSpec, build_loader, open_source, sample_dataset_dir
+from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD, augment_params, sample_crop
+from dataloading.sources import BadImage, TarSource, check_image, tar_index
+from dataloading.sources import main as sources_main
 
 SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tar indexes and scan caches go to a fresh directory, never the user's cache."""
+    monkeypatch.setenv("IMG2VEC_CACHE", str(tmp_path_factory.mktemp("img2vec_cache")))
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +101,12 @@ def test_folder_and_file_list_datasets(tmp_path: Path, sample_dir: Path) -> None
     assert len(folder) == 40
     assert folder.labels == sorted(folder.labels)  # class folders in sorted order
     # A list with relative paths (resolved against the list's folder), an absolute path, and no label.
-    lines = [f"{p.relative_to(sample_dir)} {label}" for p, label in zip(folder.paths[:3], folder.labels[:3])]
+    lines = [f"{Path(p).relative_to(sample_dir)} {label}" for p, label in zip(folder.paths[:3], folder.labels[:3])]
     lines.append(str(folder.paths[3]))
     list_file = sample_dir / "subset.txt"
     list_file.write_text("\n".join(lines) + "\n\n")
     listed = ImageDataset(list_file, SIZE)
-    assert listed.paths == folder.paths[:4]
+    assert listed.paths == folder.paths[:4] and isinstance(listed.paths[0], str)
     assert listed.labels == folder.labels[:3] + [-1]
     torch.testing.assert_close(listed[2][0], folder[2][0], rtol=0, atol=0)
     list_file.unlink()
@@ -101,12 +117,12 @@ def test_extensions_case_insensitive_and_modes_to_rgb(tmp_path: Path) -> None:
         _write_image(tmp_path / "cls" / name, mode)
     (tmp_path / "cls" / "notes.txt").write_text("not an image")
     dataset = ImageDataset(tmp_path, SIZE)
-    assert sorted(p.name for p in dataset.paths) == ["cmyk.jpeg", "gray.JPG", "palette.png", "rgba.PNG"]
+    assert sorted(Path(p).name for p in dataset.paths) == ["cmyk.jpeg", "gray.JPG", "palette.png", "rgba.PNG"]
     for i in range(len(dataset)):
         image, index = dataset[i]
         assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.float32
         assert index == i
-    gray = dataset[dataset.paths.index(tmp_path / "cls" / "gray.JPG")][0]
+    gray = dataset[dataset.paths.index(str(tmp_path / "cls" / "gray.JPG"))][0]
     pixels = gray * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]  # (3, H, W) in [0, 1]
     torch.testing.assert_close(pixels[1], pixels[0])  # gray -> R = G = B
     torch.testing.assert_close(pixels[2], pixels[0])
@@ -144,6 +160,109 @@ def test_corrupt_file_is_skipped_with_warning(tmp_path: Path, caplog: pytest.Log
     assert batch["index"].tolist() == [0, 1, 2, 4, 4, 5, 6, 7]  # 3 replaced by the next file
     assert loader.dataset.num_skipped == 1
     assert "3.jpg" in caplog.text
+    assert loader.skipped_files() == [(str(tmp_path / "cls" / "3.jpg"), "not an image (no format PIL recognises)")]
+    assert "skipped" not in batch  # the side channel from the workers is consumed by the loader
+
+
+def test_skips_travel_back_from_worker_processes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With 2 DataLoader workers the skips happen in other processes; the loader still names each once."""
+    for i in range(8):
+        _write_image(tmp_path / "cls" / f"{i}.jpg", "RGB")
+    (tmp_path / "cls" / "2.jpg").write_bytes(b"")
+    whole = (tmp_path / "cls" / "5.jpg").read_bytes()
+    (tmp_path / "cls" / "6.jpg").write_bytes(whole[: len(whole) // 2])
+    loader = build_loader(_spec(tmp_path, micro_batch=4, num_workers=2))
+    with caplog.at_level(logging.WARNING, logger="img2vec.data"):
+        for epoch in range(2):
+            assert len(list(loader.iter_from(epoch, 0))) == 2
+    assert dict(loader.skipped_files()) == {
+        str(tmp_path / "cls" / "2.jpg"): "zero-byte file",
+        str(tmp_path / "cls" / "6.jpg"): "truncated JPEG (no end-of-image marker after the last scan)",
+    }
+    assert caplog.text.count("2.jpg") == 1  # logged once, not once per worker per epoch
+
+
+def test_check_image_reasons() -> None:
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    assert check_image(jpeg) == ("JPEG", 20, 30)
+    assert check_image(jpeg + b"\0" * 100)[0] == "JPEG"  # bytes after the end marker are harmless
+    buffer = io.BytesIO()
+    Image.new("RGBA", (5, 7)).save(buffer, format="PNG")
+    assert check_image(buffer.getvalue()) == ("PNG", 7, 5)
+    for data, reason in [
+        (b"", "zero-byte file"),
+        (b"hello world" * 50, "not an image"),
+        (jpeg[: (jpeg.rfind(b"\xff\xda") + len(jpeg)) // 2], "truncated JPEG"),  # cut inside the scan data
+        (buffer.getvalue()[:-20], "truncated PNG"),
+    ]:
+        with pytest.raises(BadImage, match=reason):
+            check_image(data)
+
+
+def test_augment_off_is_the_central_square() -> None:
+    assert augment_params(40, 100, 0, 0, 7, augment=False) == (0, 30, 40, 40, False)
+    assert augment_params(9, 4, 0, 0, 7, augment=False) == (2, 0, 4, 4, False)
+    boxes = {augment_params(40, 100, 0, e, 7) for e in range(4)}
+    assert len(boxes) == 4  # augment on: the box changes with the epoch
+
+
+# ---- WebDataset shards ----
+
+def make_shards(files: list[Path], out: Path, per_shard: int) -> list[Path]:
+    """Tar shards in WebDataset layout: per sample key.jpg (or .png) + key.cls; one metadata-only sample per shard."""
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for start in range(0, len(files), per_shard):
+        shard = out / f"train-{start // per_shard:03d}.tar"
+        with tarfile.open(shard, "w") as tar:
+            for k, f in enumerate(files[start : start + per_shard]):
+                key = f"n{start + k:05d}"
+                for name, data in ((f"{key}{f.suffix.lower()}", f.read_bytes()), (f"{key}.cls", b"3")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"meta{start}.json")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+        shards.append(shard)
+    return shards
+
+
+def test_webdataset_source_index_and_torch_loader(tmp_path: Path, sample_dir: Path) -> None:
+    folder = ImageDataset(sample_dir, SIZE, augment=False)
+    shards = make_shards([Path(p) for p in folder.paths[:20]], tmp_path / "wds", per_shard=8)
+    assert not shards[0].with_suffix(".idx").exists()
+    for path in (tmp_path / "wds", str(tmp_path / "wds" / "train-*.tar"), shards[1]):
+        source = open_source(path)
+        assert isinstance(source, TarSource) and source.kind == "webdataset"
+        assert source.notes and "no image component" in source.notes[0]  # the meta*.json samples
+    source = open_source(tmp_path / "wds")
+    assert len(source) == 20 and source.names[9] == f"{shards[1]}:n00009.jpg"
+    assert all(source.read(i) == Path(folder.paths[i]).read_bytes() for i in (0, 9, 19))
+    assert source.index_at(1, int(source.offsets[9])) == 9
+    # The index is built beside each shard, in DALI's format; wds2idx (DALI's own tool) writes the same bytes.
+    index = shards[0].with_suffix(".idx")
+    assert index.read_text().startswith("v1.2 9\n")  # 8 images + 1 metadata sample
+    if shutil.which("wds2idx"):
+        subprocess.run(["wds2idx", str(shards[0]), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+        assert (tmp_path / "ref.idx").read_text() == index.read_text()
+    # `python -m dataloading.sources SHARD...` builds indexes ahead of time.
+    index.unlink()
+    assert sources_main([str(shards[0])]) == 0 and index.read_text().startswith("v1.2 9\n")
+    # A stale index (older than its shard) is rebuilt; a fresh one is reused untouched.
+    index.write_text("v1.2 0\n")
+    os.utime(index, ns=(0, 0))
+    assert tar_index(shards[0]) == index and index.read_text().startswith("v1.2 9\n")
+    mtime = index.stat().st_mtime_ns
+    assert tar_index(shards[0]) == index and index.stat().st_mtime_ns == mtime
+    # Torch backend over the shards: the same pixels as over the files they were made from.
+    from_tar = ImageDataset(tmp_path / "wds", SIZE, augment=False)
+    torch.testing.assert_close(from_tar[9][0], folder[9][0], rtol=0, atol=0)
+    loader = build_loader(_spec(tmp_path / "wds", micro_batch=4))
+    assert sorted(torch.cat([b["index"] for b in loader]).tolist()) == list(range(20))
 
 
 # ---- loader ----
@@ -199,8 +318,8 @@ def test_default_path_uses_sample_set(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("IMG2VEC_CACHE", str(tmp_path))
     monkeypatch.setattr("dataloading.loader.sample_dataset_dir", lambda: sample_dataset_dir(num_images=16))
     loader = build_loader(_spec("", micro_batch=4, backend="auto"))
-    assert len(loader.dataset) == 16
-    assert str(loader.dataset.paths[0]).startswith(str(tmp_path))
+    assert len(loader.source) == 16
+    assert loader.source.names[0].startswith(str(tmp_path))
 
 
 # ---- errors ----
@@ -211,7 +330,9 @@ def test_default_path_uses_sample_set(tmp_path: Path, monkeypatch: pytest.Monkey
         (lambda d, s: d / "missing", {}, FileNotFoundError, "does not exist"),
         (lambda d, s: d, {}, ValueError, "no images found"),
         (lambda d, s: s, {"micro_batch": 32, "world_size": 2}, ValueError, "fewer than one global batch"),
-        (lambda d, s: s, {"backend": "dali"}, NotImplementedError, "data_backend='dali' is not implemented yet"),
+        (lambda d, s: s, {"backend": "jax"}, ValueError, "data_backend must be one of"),
+        (lambda d, s: s, {"dtype": "int8"}, ValueError, "dtype must be one of"),
+        (lambda d, s: d / "*.tar", {}, FileNotFoundError, "matches no files"),
         (lambda d, s: s, {"rank": 2, "world_size": 2}, ValueError, "rank must be in"),
     ],
 )
