@@ -61,7 +61,10 @@ class Config:
     output_dir: str = "runs/img2vec"
     log_every: int = 5  # optimizer steps between logged metrics (the only host syncs)
     ckpt_every: int = 25  # optimizer steps between checkpoints; 0 = only at the end
-    resume: bool = True  # continue from the latest checkpoint in output_dir
+    resume: bool = True  # continue from the latest complete checkpoint in output_dir
+    keep_last: int = 3  # complete checkpoints kept on disk (0 = all)
+    trust_checkpoint: bool = False  # allow checkpoints that unpickle arbitrary objects (runs their code)
+    max_nonfinite_steps: int = 5  # consecutive skipped (NaN/inf loss) steps before the run stops
     diversity_every: int = 25  # optimizer steps between token-diversity readings (collapse alarm); 0 = off
     seed: int = 0
     # Fast-path switches (auto picks the fastest that runs here and logs it).
@@ -108,8 +111,10 @@ class Config:
             raise ConfigError(f"loss_beta and loss_eps must be > 0, got {self.loss_beta}, {self.loss_eps}")
         if self.base_lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0:
             raise ConfigError("base_lr must be > 0, min_lr and warmup_epochs >= 0")
-        if self.log_every <= 0 or min(self.ckpt_every, self.max_steps, self.diversity_every) < 0:
-            raise ConfigError("log_every must be > 0; ckpt_every, max_steps and diversity_every >= 0")
+        if self.log_every <= 0 or self.max_nonfinite_steps <= 0:
+            raise ConfigError("log_every and max_nonfinite_steps must be > 0")
+        if min(self.ckpt_every, self.max_steps, self.diversity_every, self.keep_last) < 0:
+            raise ConfigError("ckpt_every, max_steps, diversity_every and keep_last must be >= 0")
         if self.teacher_weights == "" and not self.uses_sample_data:
             raise ConfigError("set teacher_weights to a local .safetensors/.pth file of the teacher "
                               "(or 'random' to train against an untrained teacher)")
@@ -199,10 +204,14 @@ def _parse_overrides(args: list[str]) -> dict[str, Any]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument '{arg}': overrides are written --key value")
         key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
         if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            elif key in _FIELDS and _FIELDS[key].type is bool:
+                value = True  # a bare boolean flag: --trust-checkpoint
+            else:
                 raise ConfigError(f"--{key} needs a value")
-            value, i = args[i + 1], i + 1
-        values[key.replace("-", "_")] = _coerce(key.replace("-", "_"), value)
+        values[key] = _coerce(key, value)
         i += 1
     return values

@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -90,23 +91,59 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     fused_optim: str) -> torch.optim.Optimizer:
-    """AdamW: apex FusedAdam when asked and importable, else torch's fused/foreach AdamW."""
+    """AdamW. `auto` and `torch`: torch's fused AdamW (CUDA and CPU), whose `found_inf` lets
+    the trainer skip a non-finite step on the device, with no host sync. `apex`: NVIDIA apex
+    FusedAdam, when asked for by name (it has no device-side skip)."""
     groups = param_groups(model, weight_decay)
-    if fused_optim in ("auto", "apex"):
+    if fused_optim == "apex":
         try:
             from apex.optimizers import FusedAdam  # NVIDIA apex; PyPI's `apex` is unrelated
-
-            if torch.cuda.is_available():
-                log.info("optimizer: apex FusedAdam")
-                return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
         except ImportError:
-            pass
-        if fused_optim == "apex":
+            FusedAdam = None
+        if FusedAdam is None or not torch.cuda.is_available():
             raise RuntimeError("fused_optim=apex needs NVIDIA apex built with CUDA (see README); "
                                "use fused_optim=torch or auto")
-    on_cuda = next(model.parameters()).is_cuda
-    log.info("optimizer: torch AdamW (%s)", "fused" if on_cuda else "foreach")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=on_cuda or None)
+        log.info("optimizer: apex FusedAdam (non-finite steps are not skipped on the device)")
+        return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
+    log.info("optimizer: torch fused AdamW")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def skip_step_if(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+    """Make the next optimizer.step() a no-op when `nonfinite` (a device scalar) is > 0.
+
+    torch's fused AdamW reads `found_inf` inside its kernel (the mechanism GradScaler uses):
+    no parameter, moment or step count changes, and the host never waits for the flag.
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (nonfinite > 0).float()
+
+
+def agree_any(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (a host sync: call it rarely)."""
+    t = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class GracefulStop:
+    """First SIGTERM/SIGINT: ask the loop to checkpoint and exit 0. Second: exit at once."""
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            os._exit(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, then checkpointing (send it again to exit now)",
+                    self.signal_name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
 
 def cosine_schedule(step: int, total_steps: int, warmup_steps: int, peak: float, final: float) -> float:

@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from dataloading import LoaderSpec, build_loader
-from img2vec.checkpoint import (consolidated_fp32_state_dict, export_encoder, frozen_parameters,
-                                resume_checkpoint, save_checkpoint, step_tag)
+from img2vec.checkpoint import (CheckpointError, consolidated_fp32_state_dict, export_encoder,
+                                frozen_parameters, resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, load_config
 from img2vec.diversity import collapse_probe
-from img2vec.engine import (build_optimizer, cosine_schedule, ds_precision, init_distributed,
-                            load_ds_config, seed_everything, set_lr_wd)
+from img2vec.engine import (GracefulStop, agree_any, build_optimizer, cosine_schedule, ds_precision, init_distributed,
+                            load_ds_config, seed_everything, set_lr_wd, skip_step_if)
 from img2vec.fastpaths import resolve_attn, resolve_loss
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, plot_loss_curve
@@ -64,11 +64,6 @@ def main(argv=None) -> int:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = ds_precision(ds_config)
     seed_everything(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if rank == 0:
-        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
-        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
-            json.dump(ds_config, f, indent=2)
 
     # --- Data: each rank reads its slice of a world-size-independent global batch ------
     loader = build_loader(LoaderSpec(data_path=cfg.data_path, image_size=cfg.image_size,
@@ -99,6 +94,7 @@ def main(argv=None) -> int:
     frozen = frozen_parameters(student)
     import deepspeed
 
+    base_optimizer = optimizer  # DeepSpeed wraps it; the device-side step skip talks to this one
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     if cfg.compile:  # after initialize: DeepSpeed's hooks stay outside the compiled graphs
         engine.compile()
@@ -113,16 +109,34 @@ def main(argv=None) -> int:
 
     # --- Resume: weights, optimizer and position come back; data and masks are functions
     # of (seed, step), so the continued run sees exactly what an uninterrupted one would.
-    step = 0
+    # Only then is anything written: a refused checkpoint leaves the run directory as it was.
+    step, skipped_steps = 0, 0
     if cfg.resume:
-        state = resume_checkpoint(engine, cfg.output_dir)
+        try:
+            state = resume_checkpoint(engine, cfg.output_dir, cfg.to_dict(), cfg.trust_checkpoint)
+        except CheckpointError as e:
+            log.error("%s", e)
+            return 2
         if state is not None:
-            step = state["step"]
+            step, skipped_steps = state["step"], state.get("skipped_steps", 0)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rank == 0:
+        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
+        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
+            json.dump(ds_config, f, indent=2)
+
+    def checkpoint():  # collective; the weights are the last good ones (skipped steps change nothing)
+        save_checkpoint(engine, cfg.output_dir, step, {"config": cfg.to_dict(), "skipped_steps": skipped_steps},
+                        cfg.keep_last)
 
     # --- Loop ------------------------------------------------------------------------------
+    stop = GracefulStop()
     metrics = MetricsLogger(cfg.output_dir, total_steps, step, enabled=rank == 0)
     micro_step = step * accum_steps  # index into the endless stream of micro-batches
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no per-step host sync
+    nonfinite = torch.zeros((), device=device)  # non-finite losses in this accumulation window
+    skipped = torch.zeros((), device=device)  # skipped steps in this log window
+    consecutive = torch.zeros((), device=device)  # skipped steps in a row
     diversity = {}  # device scalars from the last collapse probe, read at the next log
     window_start, window_images = time.perf_counter(), 0
     while step < total_steps:
@@ -141,30 +155,64 @@ def main(argv=None) -> int:
             if cfg.diversity_every and micro_step % (cfg.diversity_every * accum_steps) == 0:
                 diversity = collapse_probe(pred, target, mask.ids_masked)  # step 0: the teacher's, at start
             engine.backward(loss)
+            finite = torch.isfinite(loss.detach())
+            nonfinite += ~finite
+            if (micro_step + 1) % accum_steps == 0:  # the optimizer steps in engine.step() below
+                if world_size > 1:
+                    dist.all_reduce(nonfinite)  # every rank skips the same steps (async on GPU)
+                skip_step_if(base_optimizer, nonfinite)
             engine.step()  # updates only at the accumulation boundary
-            loss_sum += loss.detach()
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
             micro_step += 1
             window_images += micro_batch * world_size
             if micro_step % accum_steps:
                 continue
             step += 1
+            was_skipped = (nonfinite > 0).float()
+            skipped += was_skipped
+            consecutive = (consecutive + 1) * was_skipped
+            nonfinite.zero_()
             metrics.advance()
 
             if step % cfg.log_every == 0 or step == total_steps:
                 dist.all_reduce(loss_sum)  # the sync point: once per log interval
-                n_micro = cfg.log_every * accum_steps if step % cfg.log_every == 0 else (
-                    (step % cfg.log_every) * accum_steps)
-                elapsed = time.perf_counter() - window_start
-                metrics.log(step, {"loss": loss_sum.item() / (n_micro * world_size), "lr": lr,
-                                   "img_per_s": window_images / elapsed, "epoch": epoch,
+                window_steps = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                n_skipped, in_a_row = int(skipped.item()), int(consecutive.item())
+                skipped_steps += n_skipped
+                kept = max(1, (window_steps - n_skipped) * accum_steps * world_size)
+                metrics.log(step, {"loss": loss_sum.item() / kept, "lr": lr, "epoch": epoch,
+                                   "img_per_s": window_images / (time.perf_counter() - window_start),
+                                   "skipped_steps": skipped_steps,
                                    **{name: value.item() for name, value in diversity.items()}})
+                if n_skipped:
+                    log.warning("step %d: %d step(s) skipped for a non-finite loss (%d in all)", step,
+                                n_skipped, skipped_steps)
+                if in_a_row >= cfg.max_nonfinite_steps:
+                    log.error("the loss was not finite for %d steps in a row (up to step %d): stopping. The last "
+                              "good checkpoint is in %s; lower base_lr or check the data, then rerun to resume",
+                              in_a_row, step, os.path.join(cfg.output_dir, "checkpoints"))
+                    metrics.close()
+                    return 3
                 loss_sum.zero_()
+                skipped.zero_()
                 window_start, window_images = time.perf_counter(), 0
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps:
-                save_checkpoint(engine, cfg.output_dir, step, {"step": step, "config": cfg.to_dict()})
+            stopping = stop.requested
+            if world_size > 1:  # all ranks must stop at the same step: agree where they sync anyway
+                stopping = step % cfg.log_every == 0 and agree_any(stopping, device)
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps or stopping:
+                checkpoint()
+            if stopping:
+                metrics.close()
+                log.warning("stopped by %s at step %d; checkpoint written. Rerun the same command to resume",
+                            stop.signal_name or "a signal on another rank", step)
+                return 0
             if step == total_steps:
                 break
     metrics.close()
+    skipped_files = loader.skipped_files()  # (file, reason) of each unreadable image this rank skipped
+    if skipped_files:
+        log.warning("rank %d skipped %d unreadable file(s), e.g. %s (%s); python -m dataloading.verify %s "
+                    "lists them", rank, len(skipped_files), *skipped_files[0], cfg.data_path or "<data_path>")
 
     # --- Export: fp32 master weights of the encoder, timm names; the loss curve ----------
     dist.barrier()

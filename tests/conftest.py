@@ -1,0 +1,9 @@
+import pytest
+
+from dataloading import sample_dataset_dir
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """64 real JPEGs (crops of the photographs bundled with scikit-image / scikit-learn)."""
+    return sample_dataset_dir(cache_dir=tmp_path_factory.mktemp("cache"), num_images=64, seed=0)
