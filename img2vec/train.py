@@ -17,6 +17,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -92,8 +93,6 @@ def main(argv=None) -> int:
     num_patches, student_params, encoder_params = (student.encoder.num_patches, count_params(student),
                                                    count_params(student.encoder))  # before ZeRO-3 shards them
     frozen = frozen_parameters(student)
-    import deepspeed
-
     base_optimizer = optimizer  # DeepSpeed wraps it; the device-side step skip talks to this one
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     if cfg.compile:  # after initialize: DeepSpeed's hooks stay outside the compiled graphs
