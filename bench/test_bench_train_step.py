@@ -1,0 +1,273 @@
+"""End-to-end training step: the reference configuration vs the optimized one, same device, same run.
+
+    pytest bench/test_bench_train_step.py --benchmark-only [--benchmark-json=bench/results/X.json]
+
+One step = teacher forward (frozen, no grad) -> random masking -> student forward -> masked
+feature loss -> backward -> AdamW step, on a fixed synthetic batch already on the device (no
+data loader: this measures the trainer, bench/test_bench_data.py the data path).
+
+    reference  eager, attn_impl=math, loss_impl=reference, torch AdamW for-loop (foreach=False)
+    optimized  attn_impl=auto (sdpa), loss_impl=auto (the Triton kernel on CUDA; on CPU the
+               reference: Triton there is only its numpy interpreter), fused_optim=auto
+               (img2vec.engine.build_optimizer: apex FusedAdam, else torch fused AdamW on CUDA,
+               foreach on CPU), torch.compile of student and teacher on CUDA for the models in
+               IMG2VEC_BENCH_COMPILE (default vit_base; compiling L and H too does not fit the
+               8-minute device check). Not compiled on CPU: a cold compile of the student's
+               forward+backward takes ~60 s on the 2-core machine (tests/test_attention.py).
+
+A plain torch AdamW step, not the DeepSpeed engine: on CUDA the student runs under
+torch.autocast(bf16) with fp32 weights (DeepSpeed's bf16 mode instead keeps bf16 weights and
+fp32 masters: the same matmul precision, different memory); the teacher runs as in train.py
+(bf16 autocast, channels_last on CUDA). fp32 throughout on CPU.
+
+Parity first: each configuration's loss and global gradient norm on a fixed batch, from the
+same initial weights, must equal the reference's (fp32 CPU: rtol 1e-5 / 1e-4; bf16 CUDA: 2e-2
+/ 5e-2) before anything is timed.
+
+MFU = images/s * FLOPs per image / peak. FLOPs per image = 3 * (student forward FLOPs) +
+(teacher forward FLOPs): the backward costs two forwards' matmuls, the teacher only runs
+forward. Both forward counts are measured once with torch.utils.flop_counter.FlopCounterMode
+(matmuls, convolutions, attention bmm; the math path, so every configuration is charged the
+same work; elementwise ops are not counted). Peak: dense bf16 989e12 FLOP/s on H100 and H200.
+On CPU there is no vendor figure: MFU is against a measured fp32 matmul rate on this machine
+(1024^3 sgemm, best of 5), noisy when the machine is shared. Peak memory per configuration:
+torch.cuda.max_memory_allocated over the timed steps (none on CPU).
+"""
+import contextlib
+import gc
+import os
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is first imported
+
+from img2vec.engine import build_optimizer, param_groups  # noqa: E402
+from img2vec.fastpaths import resolve_attn, resolve_loss  # noqa: E402
+from img2vec.masking import random_masking  # noqa: E402
+from img2vec.teacher import Teacher  # noqa: E402
+from img2vec.vit import VIT_SIZES, build_student  # noqa: E402
+from kernels.reference import masked_feature_loss_ref  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16
+# model -> micro-batch; CPU: the embedded smoke run's student (config.py defaults)
+MODELS = {"vit_base": 256, "vit_large": 128, "vit_huge": 64} if CUDA else {"vit_tiny": 8}
+IMAGE_SIZE = 224 if CUDA else 96
+DECODER = (8, 512, 16) if CUDA else (2, 128, 4)  # depth, width, heads: MAE presets / smoke run
+TEACHER = ("resnet50", 3)  # stride 16, C = 1024
+MASK_RATIO = 0.75
+ROUNDS = 10
+COMPILE = set(filter(None, os.environ.get("IMG2VEC_BENCH_COMPILE", "vit_base" if CUDA else "").split(",")))
+TOL = {"loss": 2e-2, "grad_norm": 5e-2} if CUDA else {"loss": 1e-5, "grad_norm": 1e-4}
+
+# CPU threads for the timed code: 1 by default. On the shared 2-core machine, with another job
+# busy on one core, two OpenMP threads made a vit_tiny step 20-40x slower (4-8 s vs 0.2 s) and
+# the figures meaningless; set IMG2VEC_BENCH_THREADS to use more on a quiet machine.
+CPU_THREADS = int(os.environ.get("IMG2VEC_BENCH_THREADS", "1"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cpu_threads():
+    before = torch.get_num_threads()
+    if not CUDA:
+        torch.set_num_threads(CPU_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+_shared = {}  # model -> weights, batch, FLOPs, the reference's parity figures
+_medians = {}  # (model, config) -> seconds
+
+
+def _patch_size(model):
+    return VIT_SIZES[model].patch_size
+
+
+def _build(model, attn):
+    with torch.device(DEVICE):  # initialised on the device: ViT-H's 657M params init slowly on a CPU
+        return build_student(model, IMAGE_SIZE, _patch_size(model), _shared[model]["channels"], *DECODER,
+                             attn_impl=attn)
+
+
+def _count_flops(model):
+    """Forward FLOPs per image of student (math attention) and teacher, on the meta device."""
+    p, B = _patch_size(model), 2
+    with torch.device("meta"):
+        teacher = Teacher(*TEACHER, "random", p, IMAGE_SIZE)
+        student = build_student(model, IMAGE_SIZE, p, teacher.channels, *DECODER, attn_impl="math")
+    images = torch.empty(B, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta")
+    mask = random_masking(B, (IMAGE_SIZE // p) ** 2, MASK_RATIO, device="meta")
+    with FlopCounterMode(display=False) as student_fc:
+        student(images, mask.ids_keep, mask.ids_restore, mask.ids_masked)
+    with FlopCounterMode(display=False) as teacher_fc:
+        teacher(images)
+    return student_fc.get_total_flops() / B, teacher_fc.get_total_flops() / B
+
+
+def _setup(model):
+    if model in _shared:
+        return _shared[model]
+    B, p = MODELS[model], _patch_size(model)
+    teacher = Teacher(*TEACHER, "random", p, IMAGE_SIZE, seed=0).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(DEVICE)  # (B, 3, H, W)
+    n = (IMAGE_SIZE // p) ** 2
+    _shared[model] = s = {"teacher": teacher, "channels": teacher.channels, "images": images, "N": n,
+                          "mask": random_masking(B, n, MASK_RATIO, generator=g, device=DEVICE)}
+    torch.manual_seed(0)
+    s["weights"] = {k: v.detach().clone() for k, v in _build(model, "math").state_dict().items()}
+    s["student_flops"], s["teacher_flops"] = _count_flops(model)
+    times = []  # the (eager) teacher's share of a step, to read the student part of a ratio
+    for _ in range(3):
+        t0 = time.perf_counter()
+        teacher(images)
+        if CUDA:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    s["teacher_s"] = sorted(times)[1]
+    return s
+
+
+def _autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
+
+
+def _configure(model, config):
+    """(student, teacher_fn, loss_fn, optimizer, description) for one configuration."""
+    s = _setup(model)
+    if config == "reference":
+        attn, (loss_name, loss_fn), compiled = "math", ("reference", masked_feature_loss_ref), False
+    else:
+        attn, (loss_name, loss_fn) = resolve_attn("auto", DEVICE), resolve_loss("auto", DEVICE)
+        compiled = CUDA and model in COMPILE
+    student = _build(model, attn)
+    student.load_state_dict(s["weights"])
+    if config == "reference":
+        optimizer = torch.optim.AdamW(param_groups(student, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=False)
+        optim_name = "torch AdamW (for-loop)"
+    else:
+        optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), "auto")
+        optim_name = type(optimizer).__name__ + (" fused" if optimizer.defaults.get("fused") else "")
+    teacher_fn = s["teacher"]
+    if compiled:
+        student, teacher_fn = torch.compile(student), torch.compile(s["teacher"])
+    why = ("" if loss_name == "triton" or config == "reference"
+           else "reference loss: on CPU Triton runs only in its numpy interpreter, no speed figure")
+    desc = {"attn": attn, "loss": loss_name, "compiled": compiled, "optimizer": optim_name,
+            "precision": "bf16 autocast (fp32 weights)" if CUDA else "fp32"}
+    if why:
+        desc["note"] = why
+    if not compiled and config == "optimized":
+        desc["compile_off_because"] = ("CPU: cold compile ~60 s on 2 cores" if not CUDA
+                                       else "not in IMG2VEC_BENCH_COMPILE (device-check time budget)")
+    return student, teacher_fn, loss_fn, optimizer, desc
+
+
+def _loss(student, teacher_fn, loss_fn, images, mask):
+    target = teacher_fn(images)  # (B, N, C) fp32, no grad
+    with _autocast():
+        pred = student(images, mask.ids_keep, mask.ids_restore, mask.ids_masked)  # (B, M, C)
+    return loss_fn(pred, target, mask.ids_masked, 2.0, 1e-6)
+
+
+def _parity(model, config, student, teacher_fn, loss_fn):
+    """Loss and gradient norm on the fixed batch; the reference's are the contract."""
+    s = _shared[model]
+    loss = _loss(student, teacher_fn, loss_fn, s["images"], s["mask"])
+    loss.backward()
+    grad_norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.float().norm() for p in student.parameters() if p.grad is not None]))
+    student.zero_grad(set_to_none=True)
+    got = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+    if config == "reference":
+        s["parity"] = got
+    want = s["parity"]
+    for key in ("loss", "grad_norm"):
+        assert abs(got[key] - want[key]) <= TOL[key] * abs(want[key]), (
+            f"{model} {config}: {key} {got[key]:.6g} vs reference {want[key]:.6g}")
+    return got
+
+
+def _cpu_matmul_peak():
+    a = torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("config", ["reference", "optimized"])
+def test_bench_train_step(benchmark, config, model):
+    s = _setup(model)
+    if config == "optimized" and "parity" not in s:  # the reference sets the parity contract
+        _parity(model, "reference", *_configure(model, "reference")[:3])
+    student, teacher_fn, loss_fn, optimizer, desc = _configure(model, config)
+    B, N = MODELS[model], s["N"]
+    t0 = time.perf_counter()
+    parity = _parity(model, config, student, teacher_fn, loss_fn)  # also compiles / warms up
+    warmup_s = time.perf_counter() - t0
+    live = {"student": student, "teacher": teacher_fn, "optimizer": optimizer}  # cleared after timing
+    del student, teacher_fn, optimizer
+    g = torch.Generator().manual_seed(1)
+
+    def step():
+        # masks drawn on CPU and moved, as train.py does (mask_noise -> random_masking)
+        mask = random_masking(B, N, MASK_RATIO, generator=g, device=DEVICE)
+        _loss(live["student"], live["teacher"], loss_fn, s["images"], mask).backward()
+        live["optimizer"].step()
+        live["optimizer"].zero_grad(set_to_none=True)
+        if CUDA:
+            torch.cuda.synchronize()
+
+    step()  # the optimizer's state is allocated on its first step
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.group = f"train-step-{model}"
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
+    live.clear()
+    if desc["compiled"]:
+        torch._dynamo.reset()  # drop the compiled graphs, which hold the student
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    if benchmark.stats is None:  # --benchmark-disable: the parity check was the test
+        return
+    median = benchmark.stats.stats.median
+    _medians[model, config] = median
+    flops_per_image = 3 * s["student_flops"] + s["teacher_flops"]
+    name = torch.cuda.get_device_name() if CUDA else f"cpu ({torch.get_num_threads()} threads)"
+    info = {
+        "device": name, "model": model, "image_size": IMAGE_SIZE, "micro_batch": B,
+        "decoder": "x".join(map(str, DECODER)), "teacher": f"{TEACHER[0]} stage {TEACHER[1]}",
+        **desc, "images_per_s": B / median, "step_ms_median": 1e3 * median,
+        "warmup_and_parity_s": warmup_s, "parity_loss": parity["loss"], "parity_grad_norm": parity["grad_norm"],
+        "flops_per_image": flops_per_image,
+        "flops_formula": "3 * student_fwd + teacher_fwd (FlopCounterMode, math attention)",
+        "student_fwd_gflops": s["student_flops"] / 1e9, "teacher_fwd_gflops": s["teacher_flops"] / 1e9,
+        "teacher_share_of_flops": s["teacher_flops"] / flops_per_image,
+    }
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if peak:
+        info["mfu_pct"] = 100 * flops_per_image * B / median / peak
+    elif not CUDA:
+        measured = _cpu_matmul_peak()
+        info["cpu_sgemm_flops_measured"] = measured
+        info["mfu_vs_measured_sgemm_pct"] = 100 * flops_per_image * B / median / measured
+    if peak_mem is not None:
+        info["peak_memory_GiB"] = peak_mem
+    info["teacher_fwd_ms_eager"] = 1e3 * s["teacher_s"]
+    if config == "optimized" and (model, "reference") in _medians:
+        ref = _medians[model, "reference"]
+        info["speedup_vs_reference"] = ref / median
+        if not CUDA:  # both run the same eager teacher: the ratio of what is left is the student's
+            info["student_part_speedup"] = (ref - s["teacher_s"]) / max(median - s["teacher_s"], 1e-9)
+    benchmark.extra_info.update(info)
