@@ -7,3 +7,9 @@ from dataloading import sample_dataset_dir
 def data_dir(tmp_path_factory):
     """64 real JPEGs (crops of the photographs bundled with scikit-image / scikit-learn)."""
     return sample_dataset_dir(cache_dir=tmp_path_factory.mktemp("cache"), num_images=64, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sample sets, scan caches and tar indexes go to a fresh directory, never the user's cache."""
+    monkeypatch.setenv("IMG2VEC_CACHE", str(tmp_path_factory.mktemp("img2vec_cache")))

@@ -27,12 +27,6 @@ DALI_SOURCES = ["sampler", "reader"]
 BACKENDS = [("torch", "sampler"), ("dali", "sampler"), ("dali", "reader")]  # (backend, dali_source)
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scan caches and tar indexes go to a fresh directory per test, never the user's cache."""
-    monkeypatch.setenv("IMG2VEC_CACHE", str(tmp_path_factory.mktemp("img2vec_cache")))
-
-
 @pytest.fixture(scope="module")
 def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sample_dataset_dir(tmp_path_factory.mktemp("cache"), num_images=40, seed=0)

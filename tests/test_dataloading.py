@@ -28,12 +28,6 @@ from dataloading.sources import main as sources_main
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tar indexes and scan caches go to a fresh directory, never the user's cache."""
-    monkeypatch.setenv("IMG2VEC_CACHE", str(tmp_path_factory.mktemp("img2vec_cache")))
-
-
 @pytest.fixture(scope="module")
 def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return sample_dataset_dir(tmp_path_factory.mktemp("cache"), num_images=40, seed=0)
