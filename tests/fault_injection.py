@@ -37,7 +37,7 @@ def create(self, info):
 def save(self, state_dict, path):
     original_save(self, state_dict, path)
     if saves["checkpoints"] == slow_save:
-        print("FAULT:WRITING", path, flush=True)
+        print("\nFAULT:WRITING", path, flush=True)
         time.sleep(300)
 
 
