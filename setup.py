@@ -31,7 +31,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["kernels", "img2vec", "dataloading"],
+    packages=["kernels", "img2vec", "img2vec.eval", "dataloading"],
     install_requires=install_requires,
     extras_require={
         "dev": ["pytest>=8.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.2"],

@@ -1,0 +1,182 @@
+"""What every evaluation shares: find and load an encoder, read a labeled ImageFolder, pool features.
+
+An encoder can be given as any of:
+    run_dir/encoder.safetensors          an export (encoder.json beside it holds the timm kwargs)
+    run_dir  or  export_dir              a folder holding encoder.safetensors; a run folder without
+                                         one falls back to its latest DeepSpeed checkpoint
+    run_dir/checkpoints/step_000050      one DeepSpeed checkpoint (ZeRO-1/2/3), consolidated to fp32
+
+The weights always come back as an encoder state dict with timm VisionTransformer names
+(no "encoder." prefix) plus the timm kwargs that describe the architecture.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import yaml
+
+from img2vec.checkpoint import checkpoint_dir, consolidated_fp32_state_dict, frozen_parameters
+from img2vec.vit import VIT_SIZES, VitEncoder
+
+POOLS = ("cls", "avg")  # cls: class token (timm global_pool="token"); avg: mean of patch tokens
+
+
+@dataclass
+class CheckpointRef:
+    """A DeepSpeed checkpoint: the run folder (holds config.yaml) and the tag under checkpoints/."""
+
+    run_dir: str
+    tag: str
+
+
+def find_checkpoint(path: str) -> CheckpointRef | None:
+    """A run dir -> its latest checkpoint; a checkpoints/<tag> dir -> that one; else None."""
+    path = os.path.abspath(path)
+    latest = os.path.join(checkpoint_dir(path), "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return CheckpointRef(path, f.read().strip())
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "checkpoints" and os.path.isdir(path):
+        return CheckpointRef(os.path.dirname(parent), os.path.basename(path))
+    return None
+
+
+def encoder_from_run_config(run_dir: str) -> VitEncoder:
+    """A freshly initialised encoder of the architecture in run_dir/config.yaml."""
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: pass a run folder written by img2vec/train.py")
+    with open(config_path) as f:
+        cfg = yaml.safe_load(f)
+    size = VIT_SIZES[cfg["model"]]
+    return VitEncoder(cfg["image_size"], cfg["patch_size"] or size.patch_size, size.width, size.depth, size.heads)
+
+
+def checkpoint_student_state(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full fp32 student state dict, the encoder's timm kwargs) from one DeepSpeed checkpoint."""
+    encoder = encoder_from_run_config(ref.run_dir)
+    frozen = {f"encoder.{k}": v for k, v in frozen_parameters(encoder).items()}  # the fixed pos_embed
+    return consolidated_fp32_state_dict(ref.run_dir, ref.tag, frozen), encoder.timm_kwargs()
+
+
+def encoder_only(student_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Student state dict -> the encoder's entries without the "encoder." prefix (timm names)."""
+    prefix = "encoder."
+    out = {k[len(prefix):]: v.float() for k, v in student_state.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError("no encoder.* weights in the checkpoint: is this an img2vec run?")
+    return out
+
+
+def _export_files(path: str) -> tuple[str, str] | None:
+    """(safetensors, json) of an export named by its file or its folder; None if there is none."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        stem = path[: -len(".safetensors")]
+        for meta in (stem + ".json", os.path.join(os.path.dirname(path), "encoder.json")):
+            if os.path.isfile(meta):
+                return path, meta
+        raise FileNotFoundError(f"{stem}.json not found beside {path}: it holds the timm kwargs "
+                                f"(python -m img2vec.export writes both)")
+    weights, meta = os.path.join(path, "encoder.safetensors"), os.path.join(path, "encoder.json")
+    if os.path.isfile(weights) and os.path.isfile(meta):
+        return weights, meta
+    return None
+
+
+def load_encoder_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(encoder state dict with timm names, timm kwargs) from an export, run dir or checkpoint dir."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: pass encoder.safetensors, a run folder "
+                                f"or a run_dir/checkpoints/<tag> folder")
+    export = _export_files(path)
+    if export is not None:
+        from safetensors.torch import load_file
+
+        with open(export[1]) as f:
+            return load_file(export[0]), json.load(f)["timm_kwargs"]
+    ref = find_checkpoint(path)
+    if ref is None:
+        raise FileNotFoundError(f"no encoder.safetensors and no DeepSpeed checkpoint under {path}")
+    state, timm_kwargs = checkpoint_student_state(ref)
+    return encoder_only(state), timm_kwargs
+
+
+def build_encoder(timm_kwargs: dict, attn_impl: str = "sdpa") -> VitEncoder:
+    """Our VitEncoder for timm VisionTransformer kwargs (as encoder.json stores them)."""
+    size = timm_kwargs["img_size"]
+    size = size if isinstance(size, int) else size[0]
+    return VitEncoder(size, timm_kwargs["patch_size"], timm_kwargs["embed_dim"], timm_kwargs["depth"],
+                      timm_kwargs["num_heads"], timm_kwargs.get("mlp_ratio", 4.0), attn_impl)
+
+
+def load_encoder(path: str, init: str = "pretrained", seed: int = 0) -> VitEncoder:
+    """The encoder at `path` (eval mode, fp32, CPU); init="random": same architecture, seeded init."""
+    state, timm_kwargs = load_encoder_state(path)
+    if init == "random":
+        torch.manual_seed(seed)
+        return build_encoder(timm_kwargs).eval()
+    if init != "pretrained":
+        raise ValueError(f"init must be 'pretrained' or 'random', got {init!r}")
+    encoder = build_encoder(timm_kwargs)
+    encoder.load_state_dict(state, strict=True)
+    return encoder.eval()
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """tokens (B, 1 + N, D) from the encoder (after its final norm) -> (B, D)."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "avg":
+        return tokens[:, 1:].mean(dim=1)
+    raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+
+
+# --- Data: labeled ImageFolder splits (root/<class>/<image>) --------------------------------
+
+
+def eval_transform(image_size: int):
+    """Resize the short side to image_size, center crop, normalize (ImageNet mean/std)."""
+    import torchvision.transforms as T
+
+    from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def image_folder(path: str, transform):
+    """torchvision ImageFolder with one clear line when the folder is missing or empty."""
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder: pass an ImageFolder split (root/<class>/<image>)")
+    return ImageFolder(path, transform=transform)
+
+
+def split_dirs(data: str | None, train: str | None, val: str | None) -> tuple[str, str]:
+    """--data ROOT means ROOT/train and ROOT/val; --train/--val name the splits directly."""
+    train = train or (os.path.join(data, "train") if data else None)
+    val = val or (os.path.join(data, "val") if data else None)
+    if not train or not val:
+        raise ValueError("give --data ROOT (with ROOT/train and ROOT/val) or both --train and --val")
+    return train, val
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, loader, pool: str, device: torch.device,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen-encoder features of a whole split: (n, D) fp32 on CPU, labels (n,) int64."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    for images, targets in loader:
+        tokens = encoder(images.to(device, dtype))  # (B, 1 + N, D)
+        feats.append(pool_tokens(tokens, pool).float().cpu())
+        labels.append(targets)
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,117 @@
+"""Weighted k-nearest-neighbour classification on frozen encoder features (DINO's kNN).
+
+    python -m img2vec.eval.knn RUN_DIR_or_encoder.safetensors --data ROOT [--k 20] [--pool cls]
+
+For each val image: cosine similarity to every train feature, its k nearest train images
+vote for their class with weight exp(sim / T) (T = 0.07), the class with most weight
+wins. Prints one JSON line {"top1": ..., "top5": ...} (percent).
+
+`KnnMonitor` is the same evaluation as an in-training metric on a small labeled split;
+train.py calls it every `eval_every` steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from img2vec.eval.common import (POOLS, eval_transform, extract_features, image_folder, load_encoder,
+                                 split_dirs)
+
+
+@torch.no_grad()
+def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
+               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class scores (Q, num_classes) of the queries; feats (n, D) / (Q, D), any scale (normalized here).
+
+    score[q, c] = sum over the k nearest train images i of class c of exp(cos(q, i) / T).
+    """
+    train = F.normalize(train_feats.float(), dim=1)  # (n, D)
+    k = min(k, train.shape[0])
+    out = []
+    for start in range(0, query_feats.shape[0], chunk):
+        query = F.normalize(query_feats[start:start + chunk].float(), dim=1)  # (q, D)
+        sim, idx = (query @ train.T).topk(k, dim=1)  # (q, k) each
+        weights = (sim / temperature).exp()  # (q, k)
+        votes = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
+        out.append(votes.scatter_add_(1, train_labels.to(idx.device)[idx], weights))  # (q, C)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """{"top1": %, "top5": %} of scores (Q, C) against labels (Q,); k capped at C."""
+    ranked = scores.argsort(dim=1, descending=True)  # (Q, C)
+    hits = ranked == labels.to(ranked.device).unsqueeze(1)  # (Q, C)
+    return {f"top{k}": 100.0 * hits[:, :min(k, scores.shape[1])].any(dim=1).float().mean().item() for k in ks}
+
+
+def knn_accuracy(train_feats, train_labels, val_feats, val_labels, num_classes: int, k: int = 20,
+                 temperature: float = 0.07) -> dict[str, float]:
+    scores = knn_scores(train_feats, train_labels, val_feats, num_classes, k, temperature)
+    return topk_accuracy(scores, val_labels)
+
+
+class KnnMonitor:
+    """kNN top-1/top-5 of an encoder on a fixed labeled split, cheap enough to call during training.
+
+    Every rank must call it (under ZeRO-3 the encoder's forward gathers parameters, a
+    collective); each rank computes the same numbers, rank 0 logs them. `max_train` /
+    `max_val` take the first images of a fixed shuffle, so the subset never changes.
+    """
+
+    def __init__(self, train_dir: str, val_dir: str, image_size: int, pool: str = "cls", k: int = 20,
+                 temperature: float = 0.07, batch_size: int = 256, max_train: int = 0, max_val: int = 0,
+                 seed: int = 0):
+        transform = eval_transform(image_size)
+        train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
+        if train.classes != val.classes:
+            raise ValueError(f"train and val class folders differ: {train.classes} vs {val.classes}")
+        g = torch.Generator().manual_seed(seed)
+        self.train = Subset(train, torch.randperm(len(train), generator=g)[:max_train or None].tolist())
+        self.val = Subset(val, torch.randperm(len(val), generator=g)[:max_val or None].tolist())
+        self.num_classes, self.pool, self.k, self.temperature = len(train.classes), pool, k, temperature
+        self.batch_size = batch_size
+
+    def __call__(self, encoder: torch.nn.Module, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        device = torch.device(device)
+        loaders = [DataLoader(split, self.batch_size, shuffle=False, num_workers=0) for split in (self.train, self.val)]
+        (train_x, train_y), (val_x, val_y) = (extract_features(encoder, l, self.pool, device, dtype) for l in loaders)
+        result = knn_accuracy(train_x, train_y, val_x, val_y, self.num_classes, self.k, self.temperature)
+        return {f"knn_{key}": value for key, value in result.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("encoder", help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
+    parser.add_argument("--data", help="ImageFolder root with train/ and val/")
+    parser.add_argument("--train", help="train split (instead of --data)")
+    parser.add_argument("--val", help="val split (instead of --data)")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--pool", choices=POOLS, default="cls")
+    parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                        help="random: the same architecture at a seeded random init (the baseline)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        train_dir, val_dir = split_dirs(args.data, args.train, args.val)
+        encoder = load_encoder(args.encoder, args.init, args.seed)
+        monitor = KnnMonitor(train_dir, val_dir, encoder.image_size, args.pool, args.k, args.temperature,
+                             args.batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = monitor(encoder.to(device), device)
+    print(json.dumps({"k": args.k, "pool": args.pool, "init": args.init, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

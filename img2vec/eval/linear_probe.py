@@ -1,0 +1,156 @@
+"""Linear probe (MAE): BatchNorm without affine + one linear layer on frozen encoder features.
+
+    python -m img2vec.eval.linear_probe RUN_DIR_or_encoder.safetensors --data ROOT \
+        [--epochs 90] [--optimizer sgd|lars] [--blr 0.1] [--pool cls]
+
+Recipe of MAE's main_linprobe.py: BatchNorm1d(D, affine=False, eps=1e-6) in front of a
+Linear(D, classes) (weights trunc-normal std 0.01, bias 0), weight decay 0, lr = blr *
+batch / 256, linear warmup then half-cosine, cross-entropy. The optimizer defaults to SGD
+(momentum 0.9): LARS, MAE's choice for batch 16384, scales each step by 0.001 * |w| / |g|
+and barely moves a 0.01-std head in the few hundred steps of a small data set (digits:
+38% after 90 epochs vs 90% with SGD); pass --optimizer lars --blr 0.1 --batch_size 16384
+to reproduce MAE on ImageNet.
+
+One difference, for speed: the frozen encoder runs once over each split (center crop, no
+augmentation) and the head trains on those cached features. That is exact for a frozen
+encoder without augmentation; MAE augments each epoch with RandomResizedCrop + flip, which
+here would cost one encoder pass per epoch for a few tenths of a point.
+Prints one JSON line {"top1": ..., "top5": ...} (val, percent, after the last epoch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder, load_encoder, split_dirs
+from img2vec.eval.knn import topk_accuracy
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as in MAE's util/lars.py: SGD + momentum with a per-tensor trust
+    ratio ||w|| / ||g|| on weight matrices; biases and norm parameters (ndim <= 1) step plainly."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0, group["trust_coefficient"] * param_norm / update_norm, one),
+                                    one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(dp)
+                p.add_(mu, alpha=-group["lr"])
+
+
+class LinearHead(nn.Module):
+    """features (B, D) -> logits (B, classes): BatchNorm1d(affine=False) then Linear."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return self.linear(self.norm(x))
+
+
+def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                       num_classes: int, epochs: int = 90, batch_size: int = 256, blr: float = 0.1,
+                       optimizer: str = "sgd", weight_decay: float = 0.0, warmup_epochs: int = 10,
+                       seed: int = 0) -> dict[str, float]:
+    """Train the head on cached features (n, D); return val {"top1", "top5"} (percent) and train top1."""
+    torch.manual_seed(seed)
+    head = LinearHead(train_x.shape[1], num_classes)
+    lr = blr * batch_size / 256
+    if optimizer == "lars":
+        opt = LARS(head.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'lars' or 'sgd', got {optimizer!r}")
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        head.train()
+        for idx in torch.randperm(len(train_x), generator=g).split(batch_size):
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    head.eval()
+    with torch.no_grad():
+        result = topk_accuracy(head(val_x), val_y)
+        result["train_top1"] = topk_accuracy(head(train_x), train_y, (1,))["top1"]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("encoder", help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
+    parser.add_argument("--data", help="ImageFolder root with train/ and val/")
+    parser.add_argument("--train", help="train split (instead of --data)")
+    parser.add_argument("--val", help="val split (instead of --data)")
+    parser.add_argument("--pool", choices=POOLS, default="cls")
+    parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained")
+    parser.add_argument("--epochs", type=int, default=90)
+    parser.add_argument("--warmup_epochs", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch_size / 256")
+    parser.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd")
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        train_dir, val_dir = split_dirs(args.data, args.train, args.val)
+        encoder = load_encoder(args.encoder, args.init, args.seed)
+        transform = eval_transform(encoder.image_size)
+        train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.to(device)
+    (train_x, train_y), (val_x, val_y) = (
+        extract_features(encoder, DataLoader(split, 256, num_workers=0), args.pool, device) for split in (train, val))
+    result = train_linear_probe(train_x, train_y, val_x, val_y, len(train.classes), args.epochs, args.batch_size,
+                                args.blr, args.optimizer, args.weight_decay, args.warmup_epochs, args.seed)
+    print(json.dumps({"pool": args.pool, "init": args.init, "optimizer": args.optimizer, "epochs": args.epochs,
+                      **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

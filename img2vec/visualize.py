@@ -1,0 +1,142 @@
+"""Show what a pretrained student gets right: input, mask, and per-patch cosine similarity to the target.
+
+    python -m img2vec.visualize RUN_DIR[/checkpoints/<tag>] --images a.png b.jpg ... [--out DIR]
+
+For each image, one PNG (DIR/<image name>.png) with three panels:
+    input       the image as the student sees it (resized, center-cropped)
+    mask        the visible patches; masked ones grey (random masking at the run's mask ratio)
+    cos sim     per masked patch, cosine similarity between the student's prediction and the
+                layer-normed teacher feature it regresses (what the loss scores): 1 = right
+                direction, 0 = unrelated; visible patches are left blank (the loss ignores them)
+The title of the last panel gives the mean over masked patches.
+
+Needs a training checkpoint (the decoder and head are not in encoder.safetensors); the
+teacher is rebuilt from the run's config.yaml (a random teacher from the same seed).
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from img2vec.checkpoint import consolidated_fp32_state_dict, frozen_parameters
+from img2vec.eval.common import eval_transform, find_checkpoint
+from img2vec.masking import random_masking
+from img2vec.teacher import Teacher
+from img2vec.vit import VIT_SIZES, build_student
+
+
+def load_run(checkpoint: str):
+    """(student, teacher, run config dict) of a run folder or checkpoint folder; both eval, fp32, CPU."""
+    ref = find_checkpoint(checkpoint)
+    if ref is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint at {checkpoint}: visualize needs a run folder or "
+                                f"run/checkpoints/<tag> (encoder.safetensors lacks the decoder)")
+    with open(os.path.join(ref.run_dir, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    patch = cfg["patch_size"] or VIT_SIZES[cfg["model"]].patch_size
+    teacher = Teacher(cfg["teacher"], cfg["teacher_stage"], cfg["teacher_weights"] or "random", patch,
+                      cfg["image_size"], seed=cfg["seed"])
+    student = build_student(cfg["model"], cfg["image_size"], patch, teacher.channels, cfg["decoder_depth"],
+                            cfg["decoder_width"], cfg["decoder_heads"])
+    state = consolidated_fp32_state_dict(ref.run_dir, ref.tag, frozen_parameters(student))
+    student.load_state_dict(state, strict=True)
+    return student.eval(), teacher.eval(), cfg
+
+
+@torch.no_grad()
+def patch_cosine(student, teacher, images: torch.Tensor, mask_ratio: float, eps: float, seed: int):
+    """images (B, 3, H, W) -> cos (B, N) of prediction vs layer-normed target, masked (B, N) bool."""
+    B, N = images.shape[0], student.encoder.num_patches
+    mask = random_masking(B, N, mask_ratio, generator=torch.Generator().manual_seed(seed))
+    pred = student(images, mask.ids_keep, mask.ids_restore)  # (B, N, C)
+    target = teacher(images)  # (B, N, C)
+    target = F.layer_norm(target, target.shape[-1:], eps=eps)  # what the loss regresses
+    cos = F.cosine_similarity(pred, target, dim=-1)  # (B, N)
+    masked = torch.zeros(B, N, dtype=torch.bool).scatter_(1, mask.ids_masked, True)  # (B, N)
+    return cos, masked
+
+
+def render(image: torch.Tensor, cos: torch.Tensor, masked: torch.Tensor, grid: int, path: str, title: str) -> None:
+    """One row of three panels for image (3, H, W) normalized, cos (N,), masked (N,) -> PNG at path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, 3)
+    H = rgb.shape[0]
+    p = H // grid
+    cell = masked.view(grid, grid).numpy()  # (g, g) True = masked
+    pixel_mask = np.kron(cell, np.ones((p, p)))[..., None].astype(bool)  # (H, W, 1)
+    shown = np.where(pixel_mask, 0.5, rgb)
+    heat = np.where(cell, cos.view(grid, grid).numpy(), np.nan)  # (g, g), blank where visible
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+    axes[0].imshow(rgb, interpolation="nearest")
+    axes[0].set_title("input")
+    axes[1].imshow(shown, interpolation="nearest")
+    axes[1].set_title(f"mask ({int(cell.sum())}/{cell.size} masked)")
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("white")
+    im = axes[2].imshow(heat, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    axes[2].set_title(f"cos(pred, target), mean {np.nanmean(heat):.2f}")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def visualize(checkpoint: str, image_paths: list[str], out_dir: str, seed: int = 0,
+              mask_ratio: float | None = None) -> list[str]:
+    """Write one PNG per image into out_dir; return their paths."""
+    from PIL import Image
+
+    student, teacher, cfg = load_run(checkpoint)
+    transform = eval_transform(cfg["image_size"])
+    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in image_paths])  # (B, 3, H, W)
+    ratio = cfg["mask_ratio"] if mask_ratio is None else mask_ratio
+    cos, masked = patch_cosine(student, teacher, images, ratio, cfg["loss_eps"], seed)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i, image_path in enumerate(image_paths):
+        name = os.path.splitext(os.path.basename(image_path))[0]
+        path = os.path.join(out_dir, f"{name}.png")
+        render(images[i], cos[i], masked[i], student.encoder.grid, path,
+               f"{os.path.basename(image_path)}  |  {checkpoint}")
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a run folder (latest checkpoint) or run/checkpoints/<tag>")
+    parser.add_argument("--images", nargs="+", required=True, help="image files")
+    parser.add_argument("--out", default="visualizations", help="output folder (one PNG per image)")
+    parser.add_argument("--mask_ratio", type=float, default=None, help="default: the run's mask_ratio")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:
+        print(f"error: image not found: {missing[0]}", file=sys.stderr)
+        return 2
+    try:
+        paths = visualize(args.checkpoint, args.images, args.out, args.seed, args.mask_ratio)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Evaluations: kNN and linear probe (by hand, then as commands on the digits), encoder loading
+from every checkpoint form, layer-wise LR decay, and fine-tuning under DeepSpeed (pretrained vs random)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from eval_helpers import PROOF_STEPS, digits_root, digits_run
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+from train_helpers import REPO, free_port, write_ds_config
+
+from img2vec.checkpoint import step_tag
+from img2vec.eval.common import find_checkpoint, load_encoder, load_encoder_state
+from img2vec.eval.knn import knn_scores, topk_accuracy
+from img2vec.eval.linear_probe import train_linear_probe
+from img2vec.finetune import layer_id, load_finetune_config, param_groups_lrd
+
+
+def test_knn_scores_are_temperature_weighted_votes_of_the_k_nearest():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])  # unit rows
+    labels = torch.tensor([0, 1, 1, 2])
+    query = torch.tensor([[2.0, 0.0]])  # not unit: knn_scores normalizes
+    scores = knn_scores(train, labels, query, num_classes=3, k=2, temperature=0.5)
+    # nearest two: train 0 (cos 1.0, class 0) and train 1 (cos 0.8, class 1); train 2, 3 get no vote
+    torch.testing.assert_close(scores, torch.tensor([[math.exp(1.0 / 0.5), math.exp(0.8 / 0.5), 0.0]]))
+    assert topk_accuracy(scores, torch.tensor([0]), (1, 2)) == {"top1": 100.0, "top2": 100.0}
+    assert topk_accuracy(scores, torch.tensor([1]), (1, 2)) == {"top1": 0.0, "top2": 100.0}
+
+
+def gaussian_clusters(n_per_class: int, num_classes: int, dim: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    centers = 3.0 * torch.randn(num_classes, dim, generator=g)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centers[labels] + torch.randn(len(labels), dim, generator=g), labels
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_linear_probe_separates_clusters(optimizer):
+    x, y = gaussian_clusters(40, 5, 16, seed=0)
+    vx, vy = gaussian_clusters(20, 5, 16, seed=0)  # same centers (same seed), other draws would differ
+    vx = vx + 0.1 * torch.randn_like(vx)
+    blr = 0.1 if optimizer == "sgd" else 20.0  # LARS steps are 0.001 * |w| / |g|: it needs a large lr
+    result = train_linear_probe(x, y, vx, vy, num_classes=5, epochs=30, batch_size=64, blr=blr,
+                                optimizer=optimizer, warmup_epochs=3)
+    assert result["top1"] >= 95.0, result
+
+
+def test_layer_decay_scales_each_block_and_spares_norms_from_weight_decay():
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+    groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(scale) == len(named)  # every trainable parameter in exactly one group
+    L = 4  # depth + 1
+    assert layer_id("pos_embed", L) == layer_id("patch_embed.proj.weight", L) == 0
+    assert scale[id(named["cls_token"])] == 0.5 ** 4 and scale[id(named["blocks.0.attn.qkv.weight"])] == 0.5 ** 3
+    assert scale[id(named["blocks.2.mlp.fc1.weight"])] == 0.5 and scale[id(named["head.weight"])] == 1.0
+    assert decay[id(named["blocks.1.norm1.weight"])] == 0.0 and decay[id(named["head.bias"])] == 0.0
+    assert decay[id(named["pos_embed"])] == 0.0 and decay[id(named["blocks.1.attn.proj.weight"])] == 0.05
+
+
+def test_finetune_config_reads_flags_and_refuses_unknown_keys(tmp_path):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "val").mkdir()
+    cfg = load_finetune_config(None, ["--encoder", "x", "--data", str(tmp_path / "d"), "--layer_decay=0.65",
+                                      "--mixup", "0.8"])
+    assert (cfg.layer_decay, cfg.mixup, cfg.cutmix, cfg.drop_path) == (0.65, 0.8, 0.0, 0.1)
+    with pytest.raises(ValueError, match="unknown argument"):
+        load_finetune_config(None, ["--encoder", "x", "--data", str(tmp_path / "d"), "--layer_decy", "0.6"])
+
+
+# --- On the digits, with the proof's pretraining run (trained once per session) ---------------
+
+
+def test_every_checkpoint_form_loads_the_same_encoder(tmp_path_factory):
+    run = digits_run(tmp_path_factory)
+    tag = step_tag(PROOF_STEPS)
+    assert find_checkpoint(str(run)).tag == tag and find_checkpoint(str(run / "checkpoints" / tag)).tag == tag
+    exported, kwargs = load_encoder_state(str(run / "encoder.safetensors"))
+    from_ckpt, kwargs_ckpt = load_encoder_state(str(run / "checkpoints" / tag))
+    assert kwargs == kwargs_ckpt and exported.keys() == from_ckpt.keys()
+    assert all(torch.equal(exported[k], from_ckpt[k]) for k in exported)
+    random = load_encoder(str(run), init="random", seed=0).state_dict()
+    assert not torch.equal(random["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
+
+
+def run_module(module: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_knn_and_linear_probe_commands_on_digits(tmp_path_factory):
+    run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
+    knn = run_module("img2vec.eval.knn", str(run), "--data", str(data))
+    probe = run_module("img2vec.eval.linear_probe", str(run / "encoder.safetensors"), "--data", str(data),
+                       "--epochs", "90")
+    print(f"\ndigits: kNN top1 {knn['knn_top1']:.1f}%, linear probe top1 {probe['top1']:.1f}%")
+    assert knn["knn_top1"] > 50.0 and probe["top1"] > 85.0  # chance is 10%
+
+
+def test_knn_command_says_what_is_wrong_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "img2vec.eval.knn", str(tmp_path / "nope"), "--data", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+FINETUNE_STEPS = 42  # one epoch of the digits at batch 32
+
+
+def start_finetune(out, encoder, data, init: str) -> subprocess.Popen:
+    ds = write_ds_config(out.parent / f"{out.name}_ds.json", 2, 32)
+    cmd = [sys.executable, str(REPO / "img2vec" / "finetune.py"), "--ds_config", str(ds), "--encoder", str(encoder),
+           "--data", str(data), "--init", init, "--output_dir", str(out), "--max_steps", str(FINETUNE_STEPS),
+           "--warmup_epochs", "0.25", "--base_lr", "1.6e-2", "--layer_decay", "0.75", "--drop_path", "0.1",
+           "--crop_scale_min", "0.5", "--hflip", "0", "--num_workers", "0", "--log_every", "20"]
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    with open(out.parent / f"{out.name}.log", "w") as log:  # a file, not a pipe: two runs at once never block
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finished(proc: subprocess.Popen, out) -> dict:
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, f"finetune.py failed:\n{(out.parent / f'{out.name}.log').read_text()[-5000:]}"
+    return json.loads((out / "classifier.json").read_text())
+
+
+def test_finetune_from_pretrained_and_from_random_init_on_digits(tmp_path_factory, tmp_path):
+    run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
+    # The same recipe and seed from both starting points, side by side (one core each).
+    procs = {init: start_finetune(tmp_path / init, run, data, init) for init in ("pretrained", "random")}
+    pretrained, random = (finished(procs[init], tmp_path / init) for init in ("pretrained", "random"))
+    print(f"\ndigits fine-tune, {FINETUNE_STEPS} steps x 32: from pretrained {pretrained['val_top1']:.1f}%, "
+          f"from random init {random['val_top1']:.1f}%")
+    assert pretrained["val_top1"] > 20.0 and random["val_top1"] > 20.0  # chance is 10%; measured 40.4 and 31.1
+
+    # The fine-tuned classifier is a plain timm model: strict load, head included.
+    model = VisionTransformer(**pretrained["timm_kwargs"]).eval()
+    model.load_state_dict(load_file(str(tmp_path / "pretrained" / "classifier.safetensors")), strict=True)
+    assert model.head.out_features == 10 and pretrained["classes"] == [str(c) for c in range(10)]
+    rows = [json.loads(line) for line in (tmp_path / "pretrained" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_top1"] == pretrained["val_top1"] and all(math.isfinite(r.get("loss", 0)) for r in rows)
+
+
+def test_visualize_writes_one_png_per_image(tmp_path_factory, tmp_path):
+    run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
+    images = sorted((data / "val" / "3").glob("*.png"))[:2]
+    proc = subprocess.run([sys.executable, "-m", "img2vec.visualize", str(run), "--images", *map(str, images),
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    for image in images:
+        with Image.open(tmp_path / f"{image.stem}.png") as png:
+            assert png.size[0] >= 600 and png.size[1] >= 250  # three readable panels side by side

@@ -1,0 +1,57 @@
+"""`python -m img2vec.export`: a training checkpoint -> encoder.safetensors + encoder.json that timm loads
+strictly and that computes our encoder's features (fp32, 1e-5)."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from eval_helpers import PROOF_STEPS, digits_run
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+from train_helpers import REPO
+
+from img2vec.checkpoint import step_tag
+from img2vec.eval.common import load_encoder
+from img2vec.export import export_checkpoint
+
+
+def export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "img2vec.export", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_export_loads_strictly_into_timm_with_our_features(tmp_path_factory, tmp_path):
+    run = digits_run(tmp_path_factory)
+    proc = export(str(run), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = load_file(str(tmp_path / "out" / "encoder.safetensors"))
+    meta = json.loads((tmp_path / "out" / "encoder.json").read_text())
+
+    # The one documented line: timm's VisionTransformer, strict.
+    timm_vit = VisionTransformer(**meta["timm_kwargs"]).eval()
+    timm_vit.load_state_dict(weights, strict=True)
+    ours = load_encoder(str(run / "checkpoints" / step_tag(PROOF_STEPS)))  # consolidated from the DeepSpeed files
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(timm_vit.forward_features(images), ours(images), atol=1e-5, rtol=0)
+        torch.testing.assert_close(timm_vit(images), ours(images)[:, 0], atol=1e-5, rtol=0)  # pooled = cls token
+    assert all(v.dtype == torch.float32 for v in weights.values())
+
+    # The same bytes as the export train.py wrote at the end of the run.
+    at_end = load_file(str(run / "encoder.safetensors"))
+    assert weights.keys() == at_end.keys() and all(torch.equal(weights[k], at_end[k]) for k in weights)
+
+
+def test_export_of_one_checkpoint_tag_in_process(tmp_path_factory, tmp_path):
+    run = digits_run(tmp_path_factory)
+    path = export_checkpoint(str(run / "checkpoints" / step_tag(PROOF_STEPS)), str(tmp_path))
+    assert path == str(tmp_path / "encoder.safetensors")
+    assert json.loads((tmp_path / "encoder.json").read_text())["timm_kwargs"]["patch_size"] == 8
+
+
+def test_export_of_a_folder_without_checkpoint_fails_in_one_line(tmp_path):
+    proc = export(str(tmp_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: no DeepSpeed checkpoint at {tmp_path}: pass a run folder "
+                                                f"(with checkpoints/latest) or run/checkpoints/<tag>"]
