@@ -65,6 +65,8 @@ class Config:
     keep_last: int = 3  # complete checkpoints kept on disk (0 = all)
     trust_checkpoint: bool = False  # allow checkpoints that unpickle arbitrary objects (runs their code)
     max_nonfinite_steps: int = 5  # consecutive skipped (NaN/inf loss) steps before the run stops
+    eval_data: str = ""  # ImageFolder root with train/ and val/: in-training kNN top-1
+    eval_every: int = 0  # optimizer steps between kNN evaluations on eval_data; 0 = off
     diversity_every: int = 25  # optimizer steps between token-diversity readings (collapse alarm); 0 = off
     seed: int = 0
     # Fast-path switches (auto picks the fastest that runs here and logs it).
@@ -113,8 +115,8 @@ class Config:
             raise ConfigError("base_lr must be > 0, min_lr and warmup_epochs >= 0")
         if self.log_every <= 0 or self.max_nonfinite_steps <= 0:
             raise ConfigError("log_every and max_nonfinite_steps must be > 0")
-        if min(self.ckpt_every, self.max_steps, self.diversity_every, self.keep_last) < 0:
-            raise ConfigError("ckpt_every, max_steps, diversity_every and keep_last must be >= 0")
+        if min(self.ckpt_every, self.max_steps, self.diversity_every, self.keep_last, self.eval_every) < 0:
+            raise ConfigError("ckpt_every, max_steps, diversity_every, keep_last and eval_every must be >= 0")
         if self.teacher_weights == "" and not self.uses_sample_data:
             raise ConfigError("set teacher_weights to a local .safetensors/.pth file of the teacher "
                               "(or 'random' to train against an untrained teacher)")
@@ -124,6 +126,8 @@ class Config:
         if self.data_path and not os.path.exists(self.data_path):
             raise ConfigError(f"data_path does not exist: {self.data_path} "
                               f"(pass an ImageFolder directory or a text file list)")
+        if self.eval_every and not all(os.path.isdir(os.path.join(self.eval_data, s)) for s in ("train", "val")):
+            raise ConfigError("eval_every needs eval_data: a folder with train/ and val/ ImageFolders")
         from img2vec.teacher import validate_teacher_stage  # builds on the meta device: cheap
 
         try:

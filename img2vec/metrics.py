@@ -28,8 +28,9 @@ class MetricsLogger:
             self.tb.add_scalar(f"train/{key}", value, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}",
-                             lr=f"{metrics['lr']:.2e}")
+        if "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.1f}",
+                                 lr=f"{metrics['lr']:.2e}")
 
     def advance(self, n: int = 1) -> None:
         if self.enabled:
@@ -50,7 +51,7 @@ def plot_loss_curve(jsonl_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
 
     with open(jsonl_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        rows = [row for row in map(json.loads, filter(str.strip, f)) if "loss" in row]
     if not rows:
         return
     steps = [r["step"] for r in rows]

@@ -95,6 +95,11 @@ def main(argv=None) -> int:
     frozen = frozen_parameters(student)
     base_optimizer = optimizer  # DeepSpeed wraps it; the device-side step skip talks to this one
     engine, optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    knn = None
+    if cfg.eval_every:  # periodic kNN top-1 on a small labeled split: "is it learning?"
+        from img2vec.eval.knn import KnnMonitor
+
+        knn = KnnMonitor(os.path.join(cfg.eval_data, "train"), os.path.join(cfg.eval_data, "val"), cfg.image_size)
     if cfg.compile:  # after initialize: DeepSpeed's hooks stay outside the compiled graphs
         engine.compile()
         teacher = torch.compile(teacher)
@@ -195,6 +200,8 @@ def main(argv=None) -> int:
                 loss_sum.zero_()
                 skipped.zero_()
                 window_start, window_images = time.perf_counter(), 0
+            if knn is not None and (step % cfg.eval_every == 0 or step == total_steps):
+                metrics.log(step, knn(engine.module.encoder, device, dtype))  # every rank: ZeRO-3 gathers
             stopping = stop.requested
             if world_size > 1:  # all ranks must stop at the same step: agree where they sync anyway
                 stopping = step % cfg.log_every == 0 and agree_any(stopping, device)

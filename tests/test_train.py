@@ -94,3 +94,17 @@ def test_vit_huge_engine_config_trains_a_scaled_down_model_on_two_processes(data
     assert sorted(losses(run)) == [1, 2]
     shards = list((Path(checkpoint_dir(str(run))) / step_tag(2)).glob("*optim_states.pt"))
     assert len(shards) == 2 and (run / "encoder.safetensors").exists()
+
+
+def test_in_training_knn_is_logged_every_eval_every_steps(data_dir, tmp_path):
+    eval_data = tmp_path / "eval"
+    eval_data.mkdir()
+    for split in ("train", "val"):  # the sample photographs' source names are the labels
+        (eval_data / split).symlink_to(data_dir, target_is_directory=True)
+    run = tmp_path / "run"
+    train(run, data_dir, write_ds_config(tmp_path / "ds.json", 2, 8), "--max_steps", "2",
+          "--eval_every", "1", "--eval_data", str(eval_data))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [1, 2] and all(0 <= r["knn_top1"] <= 100 for r in knn)
+    assert knn[0]["knn_top5"] >= knn[0]["knn_top1"]
