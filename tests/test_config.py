@@ -82,4 +82,5 @@ def test_yaml_cannot_execute_code(tmp_path):
 
 
 def test_dataclass_fields_all_have_defaults():
-    Config()  # the embedded default must construct with no arguments
+    # The embedded default constructs with no arguments and is valid as it stands.
+    assert Config().validate() == load_config()
