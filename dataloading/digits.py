@@ -16,15 +16,14 @@ proportion of the whole.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .sample_data import _MANIFEST, build_once, cache_root
+
 _VERSION = "digits_v1"  # bump when the recipe below changes
-_MANIFEST = "files.txt"
 
 
 def _split(labels: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
@@ -66,24 +65,8 @@ def digits_dataset_dir(cache_dir: str | os.PathLike | None = None, image_size: i
         raise ValueError(f"image_size must be >= 8 (the digits are 8x8), got {image_size}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    root = Path(cache_dir or os.environ.get("IMG2VEC_CACHE") or Path.home() / ".cache" / "img2vec")
-    final = root / f"{_VERSION}-s{image_size}-val{val_fraction:g}-seed{seed}"
-    if (final / _MANIFEST).is_file():
-        return final
-    if final.exists():
-        raise FileExistsError(f"{final} exists but is not a complete digits set (no {_MANIFEST}); delete it and retry")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        _build(tmp, image_size, val_fraction, seed)
-        try:
-            os.rename(tmp, final)  # atomic on one file system; fails if another process got there first
-        except OSError:
-            if not (final / _MANIFEST).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = cache_root(cache_dir) / f"{_VERSION}-s{image_size}-val{val_fraction:g}-seed{seed}"
+    return build_once(final, lambda tmp: _build(tmp, image_size, val_fraction, seed), "digits set")
 
 
 if __name__ == "__main__":  # python -m dataloading.digits [CACHE_DIR]: print the root

@@ -94,16 +94,30 @@ def sample_dataset_dir(cache_dir: str | os.PathLike | None = None, num_images: i
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    root = Path(cache_dir or os.environ.get("IMG2VEC_CACHE") or Path.home() / ".cache" / "img2vec")
-    final = root / f"{_VERSION}-n{num_images}-seed{seed}"
+    final = cache_root(cache_dir) / f"{_VERSION}-n{num_images}-seed{seed}"
+    return build_once(final, lambda tmp: _build(tmp, num_images, seed), "sample set")
+
+
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """cache_dir, else $IMG2VEC_CACHE, else ~/.cache/img2vec."""
+    return Path(cache_dir or os.environ.get("IMG2VEC_CACHE") or Path.home() / ".cache" / "img2vec")
+
+
+def build_once(final: Path, build, what: str) -> Path:
+    """Build a cached data set at `final` exactly once, safely across processes.
+
+    `build(tmp)` fills a private temp dir and writes files.txt last; the temp dir is then
+    renamed into place (atomic on one file system). The first rename wins; the others
+    discard their copy.
+    """
     if (final / _MANIFEST).is_file():
         return final
     if final.exists():
-        raise FileExistsError(f"{final} exists but is not a complete sample set (no {_MANIFEST}); delete it and retry")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        raise FileExistsError(f"{final} exists but is not a complete {what} (no {_MANIFEST}); delete it and retry")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        _build(tmp, num_images, seed)
+        build(tmp)
         try:
             os.rename(tmp, final)  # atomic on one file system; fails if another process got there first
         except OSError:
