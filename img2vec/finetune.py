@@ -33,7 +33,9 @@ import torch.nn.functional as F
 import yaml
 
 from img2vec.checkpoint import consolidated_fp32_state_dict, save_checkpoint, step_tag
-from img2vec.engine import cosine_schedule, ds_precision, init_distributed, load_ds_config, seed_everything
+from img2vec.distributed import init_distributed, seed_everything
+from img2vec.ds_config import ds_precision, load_ds_config
+from img2vec.optim import cosine_schedule
 
 log = logging.getLogger("img2vec")
 

@@ -25,9 +25,11 @@ from dataloading import LoaderSpec, build_loader
 from img2vec.checkpoint import (CheckpointError, consolidated_fp32_state_dict, export_encoder,
                                 frozen_parameters, resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, load_config
-from img2vec.diversity import collapse_probe
-from img2vec.engine import (GracefulStop, agree_any, build_optimizer, cosine_schedule, ds_precision, init_distributed,
-                            load_ds_config, seed_everything, set_lr_wd, skip_step_if)
+from img2vec.token_diversity import collapse_probe
+from img2vec.distributed import agree_any, init_distributed, seed_everything
+from img2vec.ds_config import ds_precision, load_ds_config
+from img2vec.optim import build_optimizer, cosine_schedule, set_lr_wd, skip_step_if
+from img2vec.signals import GracefulStop
 from img2vec.fastpaths import resolve_attn, resolve_loss
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, plot_loss_curve
