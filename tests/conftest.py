@@ -1,4 +1,6 @@
+"""Fixtures every test file may use: the sample set, a private cache, one CPU thread."""
 import pytest
+import torch
 
 from dataloading import sample_dataset_dir
 
@@ -13,3 +15,12 @@ def data_dir(tmp_path_factory):
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sample sets, scan caches and tar indexes go to a fresh directory, never the user's cache."""
     monkeypatch.setenv("IMG2VEC_CACHE", str(tmp_path_factory.mktemp("img2vec_cache")))
+
+
+@pytest.fixture
+def one_thread():
+    """Pin torch to one CPU thread: on 2 shared cores two threads swing timings and stall."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
