@@ -11,6 +11,9 @@ its module. For a CNN it is a stage; for resnet50:
     stride   2     4     8     16    32
     C        64    256   512   1024  2048
 
+The weight-free teachers `pixels` (MAE's target) and `hog` (MaskFeat's) live in
+img2vec/hog.py; `build_teacher` picks between them and this class.
+
 The default, stage 3, has stride 16 = the ViT-B/16 patch size, so no resampling happens.
 
 For a ViT (timm VisionTransformer / Eva family: DeiT, DINO(v2), MoCo v3, BEiT-style) it
@@ -104,8 +107,32 @@ def resolve_teacher_stage(name: str, stage: "int | str") -> StageInfo:
 
 
 def validate_teacher_stage(name: str, stage: "int | str") -> None:
-    """Raise ValueError (one line) if timm has no model `name` or it has no stage `stage`."""
-    resolve_teacher_stage(name, stage)
+    """Raise ValueError (one line) if timm has no model `name` or it has no stage `stage`.
+
+    The weight-free teachers (pixels, hog) have no stages: any stage passes for them.
+    """
+    from img2vec.hog import WEIGHT_FREE_TEACHERS
+
+    if name not in WEIGHT_FREE_TEACHERS:
+        resolve_teacher_stage(name, stage)
+
+
+def build_teacher(name: str, stage: "int | str", weights: str, patch_size: int, image_size: int,
+                  seed: int = 0) -> nn.Module:
+    """The teacher for a run config: `pixels` / `hog` (img2vec.hog, no weights) or a timm model.
+
+    All return a frozen module images (B, 3, H, W) -> (B, N, C) fp32 with `.channels`, `.stride`,
+    `.num_patches` and `.info`. A weights path given to a weight-free teacher is ignored, with
+    one warning; "" means "random" for a timm teacher.
+    """
+    from img2vec.hog import WEIGHT_FREE_TEACHERS, WeightFreeTeacher
+
+    if name in WEIGHT_FREE_TEACHERS:
+        if weights not in ("", "random", None):
+            logger.warning("teacher_weights does not apply to teacher %s (it has no weights): ignoring %s",
+                           name, weights)
+        return WeightFreeTeacher(name, patch_size, image_size)
+    return Teacher(name, stage, weights or "random", patch_size, image_size, seed=seed)
 
 
 def _describe_top_level(obj) -> str:
