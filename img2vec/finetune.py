@@ -1,7 +1,8 @@
 """Fine-tune a pretrained encoder for classification (MAE's recipe), under DeepSpeed.
 
-    deepspeed img2vec/finetune.py --ds_config configs/ds_zero2.json --encoder RUN_DIR --data ROOT [--key value ...]
-    python img2vec/finetune.py --ds_config configs/ds_zero2.json --encoder RUN_DIR --data ROOT   # one process
+    deepspeed img2vec/finetune.py --ds_config configs/ds_zero2.json --encoder RUN_DIR --data_path ROOT [--key value ...]
+    python img2vec/finetune.py --ds_config configs/ds_zero2.json --encoder RUN_DIR --data_path ROOT   # one process
+    python img2vec/finetune.py --help                                 # every config key, grouped
 
 The model is timm's VisionTransformer built from the encoder's timm kwargs (so what we
 fine-tune is exactly what a user loads from the export), with a new linear head, drop path,
@@ -9,19 +10,17 @@ and average pooling of the patch tokens after the final norm. Recipe (MAE main_f
 AdamW (0.9, 0.999), layer-wise LR decay, lr = base_lr * batch / 256, warmup then half-cosine,
 label smoothing 0.1; mixup / cutmix off by default (--mixup 0.8 --cutmix 1.0 turns them on).
 `--init random` fine-tunes the same architecture from a seeded random init: the baseline.
+The config keys are FinetuneConfig's (img2vec/config.py); set-up, non-finite guard and log
+window are pretraining's (img2vec/runtime.py, img2vec/loop.py).
 
 Writes output_dir/{config.yaml, metrics.jsonl (train loss, lr; val top1/top5 per epoch),
-checkpoints/ (DeepSpeed), classifier.safetensors + classifier.json (timm kwargs)}.
+tensorboard/, checkpoints/ (DeepSpeed), classifier.safetensors + classifier.json (timm kwargs)}.
 """
-import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
 import sys
-import time
-from dataclasses import dataclass, fields
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,71 +29,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from img2vec.checkpoint import consolidated_fp32_state_dict, save_checkpoint, step_tag
-from img2vec.distributed import init_distributed, seed_everything
-from img2vec.ds_config import ds_precision, load_ds_config
+from img2vec.config import ConfigError, FinetuneConfig, build_parser, config_from_args, print_config
+from img2vec.loop import LogWindow, NonFiniteGuard
+from img2vec.metrics import MetricsLogger
 from img2vec.optim import cosine_schedule
+from img2vec.runtime import build_engine, launch_world_size, resolve_batch, setup_runtime
+from img2vec.signals import GracefulStop
 
 log = logging.getLogger("img2vec")
-
-
-@dataclass
-class FinetuneConfig:
-    encoder: str = ""  # encoder.safetensors, a run/export folder, or run/checkpoints/<tag>
-    init: str = "pretrained"  # pretrained | random (same architecture, seeded init: the baseline)
-    data: str = ""  # ImageFolder root with train/ and val/
-    output_dir: str = "runs/finetune"
-    epochs: int = 100
-    max_steps: int = 0  # > 0 overrides epochs
-    warmup_epochs: float = 5.0
-    base_lr: float = 1e-3  # lr = base_lr * global_batch / 256
-    min_lr: float = 1e-6
-    layer_decay: float = 0.75  # lr of block i = lr * layer_decay ** (depth + 1 - (i + 1)); MAE: B 0.65, L 0.75
-    weight_decay: float = 0.05
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # mixup alpha; 0 = off (MAE ImageNet: 0.8)
-    cutmix: float = 0.0  # cutmix alpha; 0 = off (MAE ImageNet: 1.0)
-    pool: str = "avg"  # avg (MAE) | cls
-    crop_scale_min: float = 0.08  # RandomResizedCrop area fraction lower bound
-    hflip: float = 0.5  # horizontal flip probability (0 for digits and text)
-    num_workers: int = 2
-    log_every: int = 10
-    seed: int = 0
-
-    def validate(self) -> "FinetuneConfig":
-        if not self.encoder:
-            raise ValueError("set --encoder (encoder.safetensors, a run folder or run/checkpoints/<tag>)")
-        if not self.data or not os.path.isdir(os.path.join(self.data, "train")) or not os.path.isdir(
-                os.path.join(self.data, "val")):
-            raise ValueError(f"--data must be a folder with train/ and val/ ImageFolder splits, got {self.data!r}")
-        if self.init not in ("pretrained", "random") or self.pool not in ("avg", "cls"):
-            raise ValueError("init must be pretrained|random and pool avg|cls")
-        if not 0 < self.layer_decay <= 1 or self.epochs <= 0 or self.base_lr <= 0:
-            raise ValueError("layer_decay must be in (0, 1], epochs and base_lr > 0")
-        return self
-
-
-def load_finetune_config(yaml_path: str | None, overrides: list[str]) -> FinetuneConfig:
-    """Defaults <- YAML <- `--key value` flags, typed by the dataclass fields."""
-    types = {f.name: {"int": int, "float": float, "str": str}.get(f.type, f.type) for f in fields(FinetuneConfig)}
-    values = {}
-    if yaml_path:
-        with open(yaml_path) as f:
-            values.update(yaml.safe_load(f) or {})
-    it = iter(overrides)
-    for arg in it:
-        key, eq, value = arg.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if not arg.startswith("--") or key not in types:
-            raise ValueError(f"unknown argument {arg!r} (keys: see FinetuneConfig in img2vec/finetune.py)")
-        values[key] = value if eq else next(it, None)
-    try:
-        return FinetuneConfig(**{k: types[k](v) for k, v in values.items()}).validate()
-    except (TypeError, KeyError) as e:
-        raise ValueError(f"bad config value: {e}") from None
 
 
 # --- Model: timm VisionTransformer + layer-wise LR decay ------------------------------------
@@ -176,126 +120,133 @@ def evaluate(model: nn.Module, val_set, rank: int, world_size: int, device, dtyp
     return {"val_top1": 100.0 * (counts[0] / counts[2]).item(), "val_top5": 100.0 * (counts[1] / counts[2]).item()}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--ds_config", required=True, help="DeepSpeed JSON (engine: batch, precision, ZeRO)")
-    parser.add_argument("--config", default=None, help="optional YAML of FinetuneConfig keys")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    args, overrides = parser.parse_known_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(FinetuneConfig, __doc__.split("\n")[0])
+    parser.add_argument("--ds_config", "--ds-config", required=True,
+                        help="DeepSpeed JSON (engine: precision, ZeRO, clipping; batch unless batch_size/accum_iter)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
     try:
-        cfg = load_finetune_config(args.config, overrides)
-    except (ValueError, OSError) as e:
+        cfg = config_from_args(FinetuneConfig, args)
+        if args.print_config:
+            print_config(resolve_batch(args.ds_config, cfg, launch_world_size())[1])
+            return 0
+        from img2vec.eval.common import eval_transform, image_folder
+
+        val_probe = image_folder(os.path.join(cfg.data_path, "val"), None)
+        train_probe = image_folder(os.path.join(cfg.data_path, "train"), None)
+        if train_probe.classes != val_probe.classes:
+            raise ConfigError(f"train and val class folders differ in {cfg.data_path}")
+        rt, cfg = setup_runtime(args.ds_config, cfg)
+    except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-
-    # --- Engine -------------------------------------------------------------------------------
-    rank, world_size, local_rank = init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    ds_config = load_ds_config(args.ds_config, world_size)
-    micro_batch, accum_steps = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-    global_batch = ds_config["train_batch_size"]
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = ds_precision(ds_config)
-    seed_everything(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    if rt.rank == 0:
+        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
 
-    # --- Model --------------------------------------------------------------------------------
-    from img2vec.eval.common import eval_transform, image_folder
-
-    val_probe = image_folder(os.path.join(cfg.data, "val"), None)
+    # --- Model, data, optimizer, engine ----------------------------------------------------------
     model, timm_kwargs = build_classifier(cfg, len(val_probe.classes))
     image_size = timm_kwargs["img_size"]
-
-    # --- Data: each rank its DistributedSampler shard of a seeded per-epoch shuffle -------------
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    train_set = image_folder(os.path.join(cfg.data, "train"), train_transform(image_size, cfg.crop_scale_min, cfg.hflip))
-    val_set = image_folder(os.path.join(cfg.data, "val"), eval_transform(image_size))
-    if train_set.classes != val_set.classes:
-        print(f"config error: train and val class folders differ in {cfg.data}", file=sys.stderr)
-        return 2
-    sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_set, micro_batch, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    steps_per_epoch = len(loader) // accum_steps
+    train_set = image_folder(os.path.join(cfg.data_path, "train"),
+                             train_transform(image_size, cfg.crop_scale_min, cfg.hflip))
+    val_set = image_folder(os.path.join(cfg.data_path, "val"), eval_transform(image_size))
+    loader, sampler = train_loader(train_set, cfg, rt)
+    steps_per_epoch = len(loader) // rt.accum_steps
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                         num_classes=len(train_set.classes))
-
-    # --- Optimizer + DeepSpeed engine -----------------------------------------------------------
-    peak_lr = cfg.base_lr * global_batch / 256
-    groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.999), fused=device.type == "cuda" or None)
-    import deepspeed
-
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    mixup_fn = build_mixup(cfg, len(train_set.classes))
+    peak_lr = cfg.base_lr * rt.global_batch / 256
+    optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay), lr=peak_lr,
+                                  betas=(0.9, 0.999), fused=True)  # fused: the guard's device-side skip
+    guard = NonFiniteGuard(optimizer, rt.device, rt.world_size, max_in_a_row=5)
+    engine, optimizer = build_engine(model, optimizer, rt)
     log.info("fine-tune %s (init %s): %d classes, %d train / %d val images, pool %s, drop path %.2f, "
-             "layer decay %.2f; %d x %d x %d = %d images/step, %d steps, peak lr %.2e", cfg.encoder, cfg.init,
-             len(train_set.classes), len(train_set), len(val_set), cfg.pool, cfg.drop_path, cfg.layer_decay,
-             world_size, micro_batch, accum_steps, global_batch, total_steps, peak_lr)
+             "layer decay %.2f; %s, %d steps, peak lr %.2e", cfg.encoder, cfg.init, len(train_set.classes),
+             len(train_set), len(val_set), cfg.pool, cfg.drop_path, cfg.layer_decay, rt.log_line(), total_steps,
+             peak_lr)
 
-    # --- Loop ---------------------------------------------------------------------------------
-    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
-
-    def record(row: dict) -> None:
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            log.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-
-    step, micro_step, epoch = 0, 0, 0
-    loss_sum = torch.zeros((), device=device)
-    window_start = time.perf_counter()
-    result = {}
+    # --- Loop: MAE's train_one_epoch, then an evaluation per epoch --------------------------------
+    stop = GracefulStop()
+    metrics = MetricsLogger(cfg.output_dir, total_steps, 0, enabled=rt.rank == 0, desc="finetune")
+    window = LogWindow(rt.device, cfg.log_every, total_steps, rt.micro_batch, rt.accum_steps, rt.world_size)
+    step, micro_step, epoch, result = 0, 0, 0, {}
     while step < total_steps:
         sampler.set_epoch(epoch)
         for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
             if mixup_fn is not None:
                 images, soft = mixup_fn(images, labels)  # soft: (B, classes)
             lr = cosine_schedule(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            logits = engine(images.to(dtype)).float()  # (B, classes)
+            logits = engine(images.to(rt.dtype)).float()  # (B, classes)
             if mixup_fn is not None:
                 loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
             else:
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             engine.backward(loss)
+            finite = guard.check(loss)
+            if (micro_step + 1) % rt.accum_steps == 0:
+                guard.arm()
             engine.step()
-            loss_sum += loss.detach()
+            window.add(loss, finite)
             micro_step += 1
-            if micro_step % accum_steps:
+            if micro_step % rt.accum_steps:
                 continue
             step += 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                dist.all_reduce(loss_sum)  # the sync point: once per log interval
-                n = (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every) * accum_steps * world_size
-                record({"step": step, "epoch": epoch, "loss": loss_sum.item() / n, "lr": lr,
-                        "img_per_s": n * micro_batch / (time.perf_counter() - window_start)})
-                loss_sum.zero_()
-                window_start = time.perf_counter()
-            if step == total_steps:
+            guard.end_step()
+            metrics.advance()
+            if window.due(step):
+                n_skipped, in_a_row = guard.read()
+                row = window.close(step, n_skipped)
+                metrics.log(step, {"epoch": epoch, "loss": row["loss"], "lr": lr, "img_per_s": row["img_per_s"],
+                                   "skipped_steps": guard.total, **({"skipped": n_skipped} if n_skipped else {})})
+                if guard.exhausted(in_a_row):
+                    log.error("the loss was not finite for %d steps in a row (up to step %d): stopping; "
+                              "lower base_lr", in_a_row, step)
+                    metrics.close()
+                    return 3
+            if stop.requested or step == total_steps:
                 break
+        if stop.requested:  # no mid-run resume for fine-tuning: keep what was learned, say so
+            log.warning("stopped by %s at step %d of %d; saving the classifier as it is", stop.signal_name,
+                        step, total_steps)
+            break
         epoch += 1
-        result = evaluate(engine.module, val_set, rank, world_size, device, dtype, micro_batch)
-        record({"step": step, "epoch": epoch, **result})
-    if metrics:
-        metrics.close()
+        result = evaluate(engine.module, val_set, rt.rank, rt.world_size, rt.device, rt.dtype, rt.micro_batch)
+        metrics.log(step, {"epoch": epoch, **result})
+        if rt.rank == 0:
+            log.info("epoch %d: val top1 %.2f%%, top5 %.2f%%", epoch, result["val_top1"], result["val_top5"])
+    metrics.close()
+    save_classifier(engine, cfg, rt.rank, step, timm_kwargs, train_set.classes, result)
+    return 0
 
-    # --- Save: fp32 master weights as a timm state dict (head included) ------------------------
-    save_checkpoint(engine, cfg.output_dir, step, {"step": step, "config": dataclasses.asdict(cfg)})
+
+def train_loader(train_set, cfg: FinetuneConfig, rt):
+    """Each rank its DistributedSampler shard of a seeded per-epoch shuffle; (loader, sampler)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, rt.micro_batch, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
+                        pin_memory=rt.device.type == "cuda", persistent_workers=False)
+    return loader, sampler
+
+
+def build_mixup(cfg: FinetuneConfig, num_classes: int):
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                 num_classes=num_classes)
+
+
+def save_classifier(engine, cfg: FinetuneConfig, rank: int, step: int, timm_kwargs: dict, classes: list,
+                    result: dict) -> None:
+    """fp32 master weights as a timm state dict (head included) + classifier.json (rank 0)."""
+    save_checkpoint(engine, cfg.output_dir, step, {"step": step, "config": cfg.to_dict()})
     dist.barrier()
     if rank == 0:
         from safetensors.torch import save_file
@@ -305,11 +256,10 @@ def main(argv=None) -> int:
                   os.path.join(cfg.output_dir, "classifier.safetensors"))
         with open(os.path.join(cfg.output_dir, "classifier.json"), "w") as f:
             json.dump({"timm_class": "timm.models.vision_transformer.VisionTransformer", "timm_kwargs": timm_kwargs,
-                       "classes": train_set.classes, **result}, f, indent=2)
+                       "classes": classes, **result}, f, indent=2)
         log.info("done: %d steps, val top1 %.2f%%; classifier at %s", step, result.get("val_top1", math.nan),
                  os.path.join(cfg.output_dir, "classifier.safetensors"))
     dist.barrier()
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from tqdm import tqdm
 class MetricsLogger:
     """Writes only on rank 0; other ranks get a logger whose methods do nothing."""
 
-    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, output_dir: str, total_steps: int, start_step: int, enabled: bool, desc: str = "pretrain"):
         self.enabled = enabled
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
         if not enabled:
@@ -18,7 +18,7 @@ class MetricsLogger:
 
         self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         self.jsonl = open(self.jsonl_path, "a")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
         self.last_step, self.last_time = start_step, time.perf_counter()
 
     def log(self, step: int, metrics: dict) -> None:
@@ -62,6 +62,8 @@ def plot_loss_curve(jsonl_path: str, png_path: str) -> None:
     ax2 = ax.twinx()
     ax2.plot(steps, [r["lr"] for r in rows], color="tab:gray", alpha=0.5, label="lr")
     ax2.set_ylabel("learning rate")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     ax.set_title("Img2Vec pretraining")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)

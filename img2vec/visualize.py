@@ -1,6 +1,6 @@
 """Show what a pretrained student gets right: input, mask, and per-patch cosine similarity to the target.
 
-    python -m img2vec.visualize RUN_DIR[/checkpoints/<tag>] --images a.png b.jpg ... [--out DIR]
+    python -m img2vec.visualize --encoder RUN_DIR[/checkpoints/<tag>] --image_paths a.png b.jpg ... [--output_dir DIR]
 
 For each image, one PNG (DIR/<image name>.png) with three panels:
     input       the image as the student sees it (resized, center-cropped)
@@ -13,34 +13,28 @@ The title of the last panel gives the mean over masked patches.
 Needs a training checkpoint (the decoder and head are not in encoder.safetensors); the
 teacher is rebuilt from the run's config.yaml (a random teacher from the same seed).
 """
-import argparse
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from img2vec.checkpoint import consolidated_fp32_state_dict, frozen_parameters
 from img2vec.eval.common import eval_transform, find_checkpoint
+from img2vec.config import run_config
 from img2vec.masking import random_masking
-from img2vec.teacher import Teacher
-from img2vec.vit import VIT_SIZES, build_student
+from img2vec.runtime import build_student_from_config, build_teacher
 
 
 def load_run(checkpoint: str):
-    """(student, teacher, run config dict) of a run folder or checkpoint folder; both eval, fp32, CPU."""
+    """(student, teacher, run Config) of a run folder or checkpoint folder; both eval, fp32, CPU."""
     ref = find_checkpoint(checkpoint)
     if ref is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint at {checkpoint}: visualize needs a run folder or "
                                 f"run/checkpoints/<tag> (encoder.safetensors lacks the decoder)")
-    with open(os.path.join(ref.run_dir, "config.yaml")) as f:
-        cfg = yaml.safe_load(f)
-    patch = cfg["patch_size"] or VIT_SIZES[cfg["model"]].patch_size
-    teacher = Teacher(cfg["teacher"], cfg["teacher_stage"], cfg["teacher_weights"] or "random", patch,
-                      cfg["image_size"], seed=cfg["seed"])
-    student = build_student(cfg["model"], cfg["image_size"], patch, teacher.channels, cfg["decoder_depth"],
-                            cfg["decoder_width"], cfg["decoder_heads"])
+    cfg = run_config(os.path.join(ref.run_dir, "config.yaml"))
+    teacher = build_teacher(cfg)
+    student = build_student_from_config(cfg, teacher.channels)
     state = consolidated_fp32_state_dict(ref.run_dir, ref.tag, frozen_parameters(student))
     student.load_state_dict(state, strict=True)
     return student.eval(), teacher.eval(), cfg
@@ -89,23 +83,31 @@ def render(image: torch.Tensor, cos: torch.Tensor, masked: torch.Tensor, grid: i
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.04)
+    fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.04).set_label("cosine similarity")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def _open_rgb(path: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {' '.join(str(e).split())}") from None
+
+
 def visualize(checkpoint: str, image_paths: list[str], out_dir: str, seed: int = 0,
               mask_ratio: float | None = None) -> list[str]:
     """Write one PNG per image into out_dir; return their paths."""
-    from PIL import Image
-
     student, teacher, cfg = load_run(checkpoint)
-    transform = eval_transform(cfg["image_size"])
-    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in image_paths])  # (B, 3, H, W)
-    ratio = cfg["mask_ratio"] if mask_ratio is None else mask_ratio
-    cos, masked = patch_cosine(student, teacher, images, ratio, cfg["loss_eps"], seed)
+    transform = eval_transform(cfg.image_size)
+    images = torch.stack([transform(_open_rgb(p)) for p in image_paths])  # (B, 3, H, W)
+    ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
+    cos, masked = patch_cosine(student, teacher, images, ratio, cfg.loss_eps, seed)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i, image_path in enumerate(image_paths):
@@ -117,20 +119,24 @@ def visualize(checkpoint: str, image_paths: list[str], out_dir: str, seed: int =
     return paths
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="a run folder (latest checkpoint) or run/checkpoints/<tag>")
-    parser.add_argument("--images", nargs="+", required=True, help="image files")
-    parser.add_argument("--out", default="visualizations", help="output folder (one PNG per image)")
-    parser.add_argument("--mask_ratio", type=float, default=None, help="default: the run's mask_ratio")
+def main(argv: list[str] | None = None) -> int:
+    from img2vec.config import OneLineParser, option_names
+
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--encoder", required=True, help="a run folder (latest checkpoint) or run/checkpoints/<tag>")
+    parser.add_argument(*option_names("image_paths"), nargs="+", required=True, help="image files")
+    parser.add_argument(*option_names("output_dir"), default="visualizations", help="folder for one PNG per image")
+    parser.add_argument(*option_names("mask_ratio"), type=float, default=None, help="default: the run's mask_ratio")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     args = parser.parse_args(argv)
-    missing = [p for p in args.images if not os.path.isfile(p)]
+    if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
+        parser.error(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    missing = [p for p in args.image_paths if not os.path.isfile(p)]
     if missing:
         print(f"error: image not found: {missing[0]}", file=sys.stderr)
         return 2
     try:
-        paths = visualize(args.checkpoint, args.images, args.out, args.seed, args.mask_ratio)
+        paths = visualize(args.encoder, args.image_paths, args.output_dir, args.seed, args.mask_ratio)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -175,8 +175,8 @@ class VitEncoder(nn.Module):
 class Decoder(nn.Module):
     """MAE decoder: mask tokens fill the masked slots, a few blocks, a linear head to C."""
 
-    def __init__(self, num_patches: int, grid: int, in_width: int, width: int, depth: int,
-                 heads: int, out_channels: int, attn_impl: str = "sdpa"):
+    def __init__(self, grid: int, in_width: int, width: int, depth: int, heads: int, out_channels: int,
+                 attn_impl: str = "sdpa"):
         super().__init__()
         self.embed = nn.Linear(in_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -229,8 +229,7 @@ def build_student(model: str, image_size: int, patch_size: int, out_channels: in
     size = VIT_SIZES[model]
     encoder = VitEncoder(image_size, patch_size or size.patch_size, size.width, size.depth, size.heads,
                          attn_impl=attn_impl, grad_ckpt=grad_ckpt)
-    decoder = Decoder(encoder.num_patches, encoder.grid, size.width, decoder_width, decoder_depth,
-                      decoder_heads, out_channels, attn_impl)
+    decoder = Decoder(encoder.grid, size.width, decoder_width, decoder_depth, decoder_heads, out_channels, attn_impl)
     return Img2VecStudent(encoder, decoder)
 
 

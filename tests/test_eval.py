@@ -17,7 +17,8 @@ from img2vec.checkpoint import step_tag
 from img2vec.eval.common import find_checkpoint, load_encoder, load_encoder_state
 from img2vec.eval.knn import knn_scores, topk_accuracy
 from img2vec.eval.linear_probe import train_linear_probe
-from img2vec.finetune import layer_id, load_finetune_config, param_groups_lrd
+from img2vec.config import ConfigError, FinetuneConfig, load_config
+from img2vec.finetune import layer_id, param_groups_lrd
 
 
 def test_knn_scores_are_temperature_weighted_votes_of_the_k_nearest():
@@ -67,11 +68,32 @@ def test_layer_decay_scales_each_block_and_spares_norms_from_weight_decay():
 def test_finetune_config_reads_flags_and_refuses_unknown_keys(tmp_path):
     (tmp_path / "d" / "train").mkdir(parents=True)
     (tmp_path / "d" / "val").mkdir()
-    cfg = load_finetune_config(None, ["--encoder", "x", "--data", str(tmp_path / "d"), "--layer_decay=0.65",
-                                      "--mixup", "0.8"])
+    data = ["--encoder", "x", "--data_path", str(tmp_path / "d")]
+    cfg = load_config(None, [*data, "--layer_decay=0.65", "--mixup", "0.8"], FinetuneConfig)
     assert (cfg.layer_decay, cfg.mixup, cfg.cutmix, cfg.drop_path) == (0.65, 0.8, 0.0, 0.1)
-    with pytest.raises(ValueError, match="unknown argument"):
-        load_finetune_config(None, ["--encoder", "x", "--data", str(tmp_path / "d"), "--layer_decy", "0.6"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'layer_decy' \(did you mean 'layer_decay'\?\)"):
+        load_config(None, [*data, "--layer_decy", "0.6"], FinetuneConfig)
+    with pytest.raises(ConfigError, match="--init needs a value"):  # the value is never the next flag
+        load_config(None, [*data, "--init", "--mixup", "0.8"], FinetuneConfig)
+    for bad in (["--base_lr", "nan"], ["--layer_decay", "0"], ["--seed", "-1"], ["--label_smoothing", "1.5"]):
+        with pytest.raises(ConfigError):
+            load_config(None, [*data, *bad], FinetuneConfig)
+
+
+def test_finetune_command_help_and_print_config(tmp_path):
+    finetune = [sys.executable, str(REPO / "img2vec" / "finetune.py")]
+    proc = subprocess.run([*finetune, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and all(f"--{f}" in proc.stdout for f in FinetuneConfig.__dataclass_fields__)
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "val" / "a").mkdir(parents=True)
+    proc = subprocess.run([*finetune, "--ds_config", "configs/ds_zero2.json", "--encoder", "x", "--data_path",
+                           str(tmp_path / "d"), "--batch_size", "7", "--accum-iter", "3", "--print_config"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "batch_size: 7\n" in proc.stdout and "accum_iter: 3\n" in proc.stdout
+    proc = subprocess.run([*finetune, "--ds_config", "configs/ds_zero2.json", "--init", "--data_path", "x"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 # --- On the digits, with the proof's pretraining run (trained once per session) ---------------
@@ -98,15 +120,16 @@ def run_module(module: str, *args: str) -> dict:
 
 def test_knn_and_linear_probe_commands_on_digits(tmp_path_factory):
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
-    knn = run_module("img2vec.eval.knn", str(run), "--data", str(data))
-    probe = run_module("img2vec.eval.linear_probe", str(run / "encoder.safetensors"), "--data", str(data),
+    knn = run_module("img2vec.eval.knn", "--encoder", str(run), "--data_path", str(data))
+    probe = run_module("img2vec.eval.linear_probe", "--encoder", str(run / "encoder.safetensors"), "--data_path", str(data),
                        "--epochs", "90")
     print(f"\ndigits: kNN top1 {knn['knn_top1']:.1f}%, linear probe top1 {probe['top1']:.1f}%")
     assert knn["knn_top1"] > 50.0 and probe["top1"] > 85.0  # chance is 10%
 
 
 def test_knn_command_says_what_is_wrong_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "img2vec.eval.knn", str(tmp_path / "nope"), "--data", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "img2vec.eval.knn", "--encoder", str(tmp_path / "nope"), "--data_path",
+                           str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
 
@@ -117,7 +140,7 @@ FINETUNE_STEPS = 42  # one epoch of the digits at batch 32
 def start_finetune(out, encoder, data, init: str) -> subprocess.Popen:
     ds = write_ds_config(out.parent / f"{out.name}_ds.json", 2, 32)
     cmd = [sys.executable, str(REPO / "img2vec" / "finetune.py"), "--ds_config", str(ds), "--encoder", str(encoder),
-           "--data", str(data), "--init", init, "--output_dir", str(out), "--max_steps", str(FINETUNE_STEPS),
+           "--data_path", str(data), "--init", init, "--output_dir", str(out), "--max_steps", str(FINETUNE_STEPS),
            "--warmup_epochs", "0.25", "--base_lr", "1.6e-2", "--layer_decay", "0.75", "--drop_path", "0.1",
            "--crop_scale_min", "0.5", "--hflip", "0", "--num_workers", "0", "--log_every", "20"]
     env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
@@ -151,8 +174,8 @@ def test_finetune_from_pretrained_and_from_random_init_on_digits(tmp_path_factor
 def test_visualize_writes_one_png_per_image(tmp_path_factory, tmp_path):
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
     images = sorted((data / "val" / "3").glob("*.png"))[:2]
-    proc = subprocess.run([sys.executable, "-m", "img2vec.visualize", str(run), "--images", *map(str, images),
-                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "img2vec.visualize", "--encoder", str(run), "--image_paths",
+                           *map(str, images), "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from PIL import Image
 

@@ -23,7 +23,7 @@ def export(*args: str) -> subprocess.CompletedProcess:
 
 def test_export_loads_strictly_into_timm_with_our_features(tmp_path_factory, tmp_path):
     run = digits_run(tmp_path_factory)
-    proc = export(str(run), "--out", str(tmp_path / "out"))
+    proc = export("--encoder", str(run), "--output_dir", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = load_file(str(tmp_path / "out" / "encoder.safetensors"))
     meta = json.loads((tmp_path / "out" / "encoder.json").read_text())
@@ -51,7 +51,18 @@ def test_export_of_one_checkpoint_tag_in_process(tmp_path_factory, tmp_path):
 
 
 def test_export_of_a_folder_without_checkpoint_fails_in_one_line(tmp_path):
-    proc = export(str(tmp_path), "--out", str(tmp_path / "out"))
+    proc = export("--encoder", str(tmp_path), "--output_dir", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: no DeepSpeed checkpoint at {tmp_path}: pass a run folder "
                                                 f"(with checkpoints/latest) or run/checkpoints/<tag>"]
+
+
+def test_export_help_and_usage_errors_are_one_line(tmp_path):
+    assert export("--help").returncode == 0
+    for args in (["--out", str(tmp_path)], [str(tmp_path), "--output_dir", str(tmp_path)]):  # old spellings
+        proc = export(*args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    (tmp_path / "file").write_text("")
+    proc = export("--encoder", str(tmp_path), "--output_dir", str(tmp_path / "file"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --output_dir {tmp_path / 'file'} is a file: pass a folder"]

@@ -1,6 +1,6 @@
 """Weighted k-nearest-neighbour classification on frozen encoder features (DINO's kNN).
 
-    python -m img2vec.eval.knn RUN_DIR_or_encoder.safetensors --data ROOT [--k 20] [--pool cls]
+    python -m img2vec.eval.knn --encoder RUN_DIR_or_encoder.safetensors --data_path ROOT [--k 20] [--pool cls]
 
 For each val image: cosine similarity to every train feature, its k nearest train images
 vote for their class with weight exp(sim / T) (T = 0.07), the class with most weight
@@ -11,7 +11,6 @@ train.py calls it every `eval_every` steps.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -85,22 +84,27 @@ class KnnMonitor:
         return {f"knn_{key}": value for key, value in result.items()}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("encoder", help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
-    parser.add_argument("--data", help="ImageFolder root with train/ and val/")
-    parser.add_argument("--train", help="train split (instead of --data)")
-    parser.add_argument("--val", help="val split (instead of --data)")
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--pool", choices=POOLS, default="cls")
+def main(argv: list[str] | None = None) -> int:
+    from img2vec.config import OneLineParser, option_names
+
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--encoder", required=True,
+                        help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
+    parser.add_argument(*option_names("data_path"), help="ImageFolder root with train/ and val/")
+    parser.add_argument("--train", help="train split (instead of --data_path)")
+    parser.add_argument("--val", help="val split (instead of --data_path)")
+    parser.add_argument("--k", type=int, default=20, help="neighbours that vote")
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / temperature)")
+    parser.add_argument("--pool", choices=POOLS, default="cls", help="image feature: class token or mean of patches")
     parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                         help="random: the same architecture at a seeded random init (the baseline)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init")
+    parser.add_argument(*option_names("batch_size"), type=int, default=256, help="images per forward pass")
     args = parser.parse_args(argv)
+    if args.k <= 0 or args.batch_size <= 0 or args.seed < 0 or not 0 < args.temperature < float("inf"):
+        parser.error("--k and --batch_size must be > 0, --seed >= 0, --temperature a finite number > 0")
     try:
-        train_dir, val_dir = split_dirs(args.data, args.train, args.val)
+        train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
         encoder = load_encoder(args.encoder, args.init, args.seed)
         monitor = KnnMonitor(train_dir, val_dir, encoder.image_size, args.pool, args.k, args.temperature,
                              args.batch_size)

@@ -1,14 +1,14 @@
 """Linear probe (MAE): BatchNorm without affine + one linear layer on frozen encoder features.
 
-    python -m img2vec.eval.linear_probe RUN_DIR_or_encoder.safetensors --data ROOT \
-        [--epochs 90] [--optimizer sgd|lars] [--blr 0.1] [--pool cls]
+    python -m img2vec.eval.linear_probe --encoder RUN_DIR_or_encoder.safetensors --data_path ROOT \
+        [--epochs 90] [--optimizer sgd|lars] [--base_lr 0.1] [--pool cls]
 
 Recipe of MAE's main_linprobe.py: BatchNorm1d(D, affine=False, eps=1e-6) in front of a
-Linear(D, classes) (weights trunc-normal std 0.01, bias 0), weight decay 0, lr = blr *
+Linear(D, classes) (weights trunc-normal std 0.01, bias 0), weight decay 0, lr = base_lr *
 batch / 256, linear warmup then half-cosine, cross-entropy. The optimizer defaults to SGD
 (momentum 0.9): LARS, MAE's choice for batch 16384, scales each step by 0.001 * |w| / |g|
 and barely moves a 0.01-std head in the few hundred steps of a small data set (digits:
-38% after 90 epochs vs 90% with SGD); pass --optimizer lars --blr 0.1 --batch_size 16384
+38% after 90 epochs vs 90% with SGD); pass --optimizer lars --base_lr 0.1 --batch_size 16384
 to reproduce MAE on ImageNet.
 
 One difference, for speed: the frozen encoder runs once over each split (center crop, no
@@ -19,7 +19,6 @@ Prints one JSON line {"top1": ..., "top5": ...} (val, percent, after the last ep
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -117,24 +116,33 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     return result
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("encoder", help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
-    parser.add_argument("--data", help="ImageFolder root with train/ and val/")
-    parser.add_argument("--train", help="train split (instead of --data)")
-    parser.add_argument("--val", help="val split (instead of --data)")
-    parser.add_argument("--pool", choices=POOLS, default="cls")
-    parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained")
-    parser.add_argument("--epochs", type=int, default=90)
-    parser.add_argument("--warmup_epochs", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--blr", type=float, default=0.1, help="lr = blr * batch_size / 256")
-    parser.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd")
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+def main(argv: list[str] | None = None) -> int:
+    from img2vec.config import OneLineParser, option_names
+
+    parser = OneLineParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--encoder", required=True,
+                        help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
+    parser.add_argument(*option_names("data_path"), help="ImageFolder root with train/ and val/")
+    parser.add_argument("--train", help="train split (instead of --data_path)")
+    parser.add_argument("--val", help="val split (instead of --data_path)")
+    parser.add_argument("--pool", choices=POOLS, default="cls", help="image feature: class token or mean of patches")
+    parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                        help="random: the same architecture at a seeded random init (the baseline)")
+    parser.add_argument("--epochs", type=int, default=90, help="passes over the cached train features")
+    parser.add_argument(*option_names("warmup_epochs"), type=int, default=10, help="epochs of linear lr warmup")
+    parser.add_argument(*option_names("batch_size"), type=int, default=256, help="features per head step")
+    parser.add_argument(*option_names("base_lr"), type=float, default=0.1, help="lr = base_lr * batch_size / 256")
+    parser.add_argument("--optimizer", choices=("sgd", "lars"), default="sgd", help="SGD momentum 0.9, or LARS")
+    parser.add_argument(*option_names("weight_decay"), type=float, default=0.0, help="weight decay of the head")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init and the head")
     args = parser.parse_args(argv)
+    finite = all(math.isfinite(x) for x in (args.base_lr, args.weight_decay))
+    if min(args.epochs, args.batch_size) <= 0 or min(args.seed, args.warmup_epochs) < 0 or not finite \
+            or args.base_lr <= 0 or args.weight_decay < 0:
+        parser.error("--epochs, --batch_size and --base_lr must be > 0 (finite); --seed, --warmup_epochs and "
+                     "--weight_decay >= 0")
     try:
-        train_dir, val_dir = split_dirs(args.data, args.train, args.val)
+        train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
         encoder = load_encoder(args.encoder, args.init, args.seed)
         transform = eval_transform(encoder.image_size)
         train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
@@ -146,7 +154,7 @@ def main(argv=None) -> int:
     (train_x, train_y), (val_x, val_y) = (
         extract_features(encoder, DataLoader(split, 256, num_workers=0), args.pool, device) for split in (train, val))
     result = train_linear_probe(train_x, train_y, val_x, val_y, len(train.classes), args.epochs, args.batch_size,
-                                args.blr, args.optimizer, args.weight_decay, args.warmup_epochs, args.seed)
+                                args.base_lr, args.optimizer, args.weight_decay, args.warmup_epochs, args.seed)
     print(json.dumps({"pool": args.pool, "init": args.init, "optimizer": args.optimizer, "epochs": args.epochs,
                       **result}))
     return 0

@@ -1,0 +1,93 @@
+"""What every DeepSpeed entry point sets up the same way: the process group, the DeepSpeed JSON
+with the run config's batch overrides, device, precision and seeds; and the teacher and student
+built from a run config in one place."""
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from img2vec.config import Config, ConfigError
+from img2vec.distributed import init_distributed, seed_everything
+from img2vec.ds_config import ds_precision, load_ds_config
+
+log = logging.getLogger("img2vec")
+
+
+@dataclass
+class Runtime:
+    """This process's place in the run and the engine's settings."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype  # of the student's inputs: bf16 / fp16 / fp32, from the DeepSpeed JSON
+    ds_config: dict  # complete: micro-batch, accumulation and train_batch_size agree
+    micro_batch: int  # images per process per micro-step
+    accum_steps: int  # micro-steps per optimizer step
+    global_batch: int  # images per optimizer step, all ranks
+
+    def log_line(self) -> str:
+        return (f"world {self.world_size} x micro {self.micro_batch} x accum {self.accum_steps} = "
+                f"{self.global_batch} images/step")
+
+
+def resolve_batch(ds_config_path: str, cfg, world_size: int):
+    """Read the DeepSpeed JSON; the run config's batch_size / accum_iter override its batch keys
+    when > 0. Returns (complete DeepSpeed config, cfg with batch_size and accum_iter resolved, so
+    the saved config says what ran). A bad JSON raises ConfigError (one line)."""
+    try:
+        ds_config = load_ds_config(ds_config_path, world_size)
+    except (OSError, ValueError) as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+    if cfg.batch_size:
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    if cfg.accum_iter:
+        ds_config["gradient_accumulation_steps"] = cfg.accum_iter
+    micro_batch, accum_steps = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    ds_config["train_batch_size"] = micro_batch * accum_steps * world_size
+    return ds_config, dataclasses.replace(cfg, batch_size=micro_batch, accum_iter=accum_steps)
+
+
+def launch_world_size() -> int:
+    """The world size the launcher announced (1 for a plain python run), before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_runtime(ds_config_path: str, cfg):
+    """Join the process group, resolve the DeepSpeed JSON (see resolve_batch), pick device and
+    precision, seed. Returns (runtime, cfg with its batch keys resolved)."""
+    rank, world_size, local_rank = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    ds_config, cfg = resolve_batch(ds_config_path, cfg, world_size)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    seed_everything(cfg.seed)
+    rt = Runtime(rank, world_size, local_rank, device, ds_precision(ds_config), ds_config, cfg.batch_size,
+                 cfg.accum_iter, ds_config["train_batch_size"])
+    return rt, cfg
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime):
+    """DeepSpeed engine around `model`; returns (engine, the optimizer DeepSpeed wraps it in)."""
+    import deepspeed
+
+    engine, wrapped, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=rt.ds_config)
+    return engine, wrapped
+
+
+def build_teacher(cfg: Config):
+    """The frozen teacher of a pretraining config (seeded: a random teacher is the same every time)."""
+    from img2vec.teacher import Teacher
+
+    weights = cfg.teacher_weights or "random"  # "" only passes validation on the sample data
+    return Teacher(cfg.teacher, cfg.teacher_stage, weights, cfg.resolved_patch_size, cfg.image_size, seed=cfg.seed)
+
+
+def build_student_from_config(cfg: Config, out_channels: int, attn_impl: str = "sdpa"):
+    """The student of a pretraining config; out_channels C = the teacher's channels."""
+    from img2vec.vit import build_student
+
+    return build_student(cfg.model, cfg.image_size, cfg.resolved_patch_size, out_channels, cfg.decoder_depth,
+                         cfg.decoder_width, cfg.decoder_heads, attn_impl, cfg.grad_ckpt)
