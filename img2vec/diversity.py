@@ -1,7 +1,9 @@
 """Rank teachers by the token diversity of their patch features (measures: img2vec.token_diversity).
 
-    python -m img2vec.diversity --teacher resnet50 --stage 3 --weights r50.pth \\
-        --teacher vit_small_patch16_224 --stage 8 --weights dino_vits16.pth --images 256
+    python -m img2vec.diversity --teacher hog --teacher pixels --teacher resnet50 --teacher_stage 3 \\
+        --teacher_weights r50.pth --teacher vit_small_patch16_224 --teacher_stage 8 --num_images 256
+
+Teachers: the weight-free `pixels` and `hog` (img2vec/hog.py) or any timm model name.
 """
 import argparse
 import json
@@ -13,13 +15,14 @@ import time
 import numpy as np
 import torch
 
+from img2vec.hog import WEIGHT_FREE_TEACHERS
 from img2vec.token_diversity import effective_rank, token_diversity
 
 log = logging.getLogger("img2vec.diversity")
 
 
 class _TeacherArg(argparse.Action):
-    """--teacher starts a new entry; --stage / --weights after it belong to it."""
+    """--teacher starts a new entry; --teacher_stage / --teacher_weights after it belong to it."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         entries = getattr(namespace, "entries", None) or []
@@ -27,50 +30,56 @@ class _TeacherArg(argparse.Action):
             entries.append({"teacher": value, "stages": [], "weights": None})
         elif not entries:
             parser.error(f"{option_string} must follow a --teacher")
-        elif self.dest == "stage":
+        elif self.dest == "teacher_stage":
             entries[-1]["stages"] += [s for s in value.split(",") if s]
         else:
             if entries[-1]["weights"] is not None:
-                parser.error(f"--weights given twice for --teacher {entries[-1]['teacher']}")
+                parser.error(f"--teacher_weights given twice for --teacher {entries[-1]['teacher']}")
             entries[-1]["weights"] = value
         namespace.entries = entries
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m img2vec.diversity",
+        prog="python -m img2vec.diversity", allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Rank teachers (and stages of one teacher) by the token diversity of their "
                     "features on the same images: 1 - mean pairwise cosine among an image's "
                     "tokens (higher = more diverse), and the effective rank of its tokens.")
-    p.add_argument("--teacher", action=_TeacherArg, metavar="NAME",
-                   help="timm model name (resnet50, vit_small_patch16_224, ...); repeat for more")
-    p.add_argument("--stage", action=_TeacherArg, metavar="S",
-                   help="stage index or module name of the preceding --teacher (CNN: 3 or layer3; "
-                        "ViT: block k, 0-based); repeat or comma-separate for several. Default: "
-                        "CNN the deepest stage with stride <= patch size, ViT the last block")
-    p.add_argument("--weights", action=_TeacherArg, metavar="PATH",
-                   help="checkpoint of the preceding --teacher (.pth/.safetensors; DINO, MoCo v3, "
-                        "torchvision, timm layouts); omitted or 'random': random init (a warning)")
-    p.add_argument("--data", default="", help="ImageFolder dir or file list (default: bundled sample images)")
-    p.add_argument("--images", type=int, default=256, help="images to average over (seeded subset)")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=16, help="the student's patch size: the token grid")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", default="runs/diversity", help="folder for diversity.json and diversity.png")
+    p.add_argument("--teacher", action=_TeacherArg, metavar="NAME", default=argparse.SUPPRESS,
+                   help="pixels, hog, or a timm model name (resnet50, vit_small_patch16_224, ...); repeat "
+                        "for more (default: resnet50)")
+    p.add_argument("--teacher_stage", "--teacher-stage", action=_TeacherArg, metavar="S", default=argparse.SUPPRESS,
+                   help="stage index or module name of the preceding --teacher (CNN: 3 or layer3; ViT: block "
+                        "k, 0-based); repeat or comma-separate for several (default: CNN the deepest stage "
+                        "with stride <= patch size, ViT the last block; pixels/hog have none)")
+    p.add_argument("--teacher_weights", "--teacher-weights", action=_TeacherArg, metavar="PATH",
+                   default=argparse.SUPPRESS,
+                   help="checkpoint of the preceding --teacher (.pth/.safetensors; DINO, MoCo v3, torchvision, "
+                        "timm layouts) (default: random init, with a warning; pixels/hog have no weights)")
+    p.add_argument("--data_path", "--data-path", default="",
+                   help="ImageFolder dir or file list ('' = the bundled sample images)")
+    p.add_argument("--num_images", "--num-images", type=int, default=256, help="images to average over (seeded subset)")
+    p.add_argument("--image_size", "--image-size", type=int, default=224, help="center-crop side in pixels")
+    p.add_argument("--patch_size", "--patch-size", type=int, default=16, help="the student's patch size: the token grid")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per teacher forward")
+    p.add_argument("--output_dir", "--output-dir", default="runs/diversity", help="folder for diversity.json and .png")
     p.add_argument("--seed", type=int, default=0, help="image subset and random-init seed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where teachers run")
     args = p.parse_args(argv)
     args.entries = getattr(args, "entries", None) or [{"teacher": "resnet50", "stages": [], "weights": None}]
-    if args.images < 1 or args.batch_size < 1 or args.image_size < args.patch_size:
-        p.error("--images and --batch-size must be >= 1, --image-size >= --patch-size")
+    if args.num_images < 1 or args.batch_size < 1 or args.image_size < args.patch_size:
+        p.error("--num_images and --batch_size must be >= 1, --image_size >= --patch_size")
     return args
 
 
 def _default_stage(name: str, patch_size: int) -> int:
-    """CNN: deepest stage with stride <= p (resnet50, p=16: 3); ViT: its last block."""
+    """CNN: deepest stage with stride <= p (resnet50, p=16: 3); ViT: its last block; pixels/hog: 0."""
     import timm
     from img2vec.teacher import _is_vit, validate_teacher_stage
 
+    if name in WEIGHT_FREE_TEACHERS:
+        return 0
     validate_teacher_stage(name, 0)  # an unknown name fails here, in one line
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False)
@@ -90,7 +99,7 @@ def list_images(data: str, count: int, seed: int) -> list:
         keep = np.sort(np.random.default_rng(seed).choice(len(paths), count, replace=False))
         paths = [paths[i] for i in keep]
     elif count > len(paths):
-        log.warning("--images %d but %s holds %d images: using all of them", count, root, len(paths))
+        log.warning("--num_images %d but %s holds %d images: using all of them", count, root, len(paths))
     return paths
 
 
@@ -110,7 +119,9 @@ def load_center_crop(path, image_size: int) -> torch.Tensor:
     return TF.normalize(TF.to_tensor(im), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def _resampling(stride: int, patch: int) -> str:
+def _resampling(kind: str, stride: int, patch: int) -> str:
+    if kind == "hog":
+        return f"{(patch // stride) ** 2} cells concatenated"
     return "none" if stride == patch else ("avg-pool" if stride < patch else "bilinear")
 
 
@@ -118,17 +129,17 @@ def measure(args: argparse.Namespace) -> dict:
     """Run every teacher/stage on the same images; return the JSON-able report (rows ranked)."""
     from tqdm import tqdm
 
-    from img2vec.teacher import Teacher
+    from img2vec.teacher import build_teacher
 
     device = torch.device(args.device)
     g = args.image_size // args.patch_size
     teachers = []
     for e in args.entries:
-        weights = e["weights"] or "random"
+        weights = "none" if e["teacher"] in WEIGHT_FREE_TEACHERS and not e["weights"] else e["weights"] or "random"
         for stage in e["stages"] or [_default_stage(e["teacher"], args.patch_size)]:
-            t = Teacher(e["teacher"], stage, weights, args.patch_size, args.image_size, seed=args.seed)
+            t = build_teacher(e["teacher"], stage, weights, args.patch_size, args.image_size, seed=args.seed)
             teachers.append((e["teacher"], weights, t.to(device)))
-    paths = list_images(args.data, args.images, args.seed)
+    paths = list_images(args.data_path, args.num_images, args.seed)
     per_image = [{"diversity": [], "effective_rank": []} for _ in teachers]
     start = time.perf_counter()
     with tqdm(total=len(paths), unit="img", desc="token diversity", file=sys.stderr) as bar:
@@ -146,7 +157,7 @@ def measure(args: argparse.Namespace) -> dict:
         rows.append({
             "teacher": name, "stage": t.info.index, "module": t.info.module, "kind": t.info.kind,
             "weights": weights, "channels": t.channels, "stride": t.stride,
-            "resampling": _resampling(t.stride, args.patch_size),
+            "resampling": _resampling(t.info.kind, t.stride, args.patch_size),
             "diversity_mean": float(d.mean()), "diversity_std": float(d.std()),
             "effective_rank_mean": float(r.mean()), "effective_rank_std": float(r.std()),
             "effective_rank_max": min(g * g, t.channels),
@@ -157,7 +168,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "definition": "diversity = 1 - mean_{i!=j} cos(f_i, f_j) over an image's tokens, mean over "
                       "images, range [0, 2]; effective_rank = exp(entropy of normalized singular values)",
-        "data": args.data or "bundled sample images", "images": len(paths),
+        "data": args.data_path or "bundled sample images", "images": len(paths),
         "image_size": args.image_size, "patch_size": args.patch_size, "grid": [g, g],
         "seconds": round(time.perf_counter() - start, 1), "results": rows,
     }
@@ -166,7 +177,8 @@ def measure(args: argparse.Namespace) -> dict:
 def format_table(report: dict) -> str:
     """A fixed-width table, one row per teacher/stage, best (most diverse) first."""
     head = ("rank", "teacher", "stage", "weights", "C", "stride", "diversity", "eff. rank / max")
-    lines = [(str(r["rank"]), r["teacher"], f"{r['stage']} ({r['module']})",
+    lines = [(str(r["rank"]), r["teacher"],
+              r["module"] if r["kind"] in WEIGHT_FREE_TEACHERS else f"{r['stage']} ({r['module']})",
               os.path.basename(r["weights"]), str(r["channels"]),
               f"{r['stride']} {r['resampling']}",
               f"{r['diversity_mean']:.3f} ± {r['diversity_std']:.3f}",
@@ -187,7 +199,8 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["results"][::-1]  # matplotlib draws bottom-up: best at the top
-    labels = [f"{r['teacher']}\n{r['module']} (stage {r['stage']}, C={r['channels']})"
+    labels = [f"{r['teacher']}\n{r['module']} (C={r['channels']})" if r["kind"] in WEIGHT_FREE_TEACHERS else
+              f"{r['teacher']}\n{r['module']} (stage {r['stage']}, C={r['channels']})"
               + ("\nrandom init" if r["weights"] == "random" else "") for r in rows]
     y = np.arange(len(rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 1.6 + 0.75 * len(rows)), sharey=True)
@@ -213,7 +226,7 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def main(argv: "list[str] | None" = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
@@ -221,8 +234,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad teacher / stage / weights / data: one line
         log.error("%s", e)
         return 2
-    os.makedirs(args.out, exist_ok=True)
-    json_path, png_path = os.path.join(args.out, "diversity.json"), os.path.join(args.out, "diversity.png")
+    os.makedirs(args.output_dir, exist_ok=True)
+    json_path = os.path.join(args.output_dir, "diversity.json")
+    png_path = os.path.join(args.output_dir, "diversity.png")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
     plot(report, png_path)

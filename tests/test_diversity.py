@@ -7,7 +7,8 @@ import timm
 import torch
 from PIL import Image
 
-from img2vec.diversity import effective_rank, main, parse_args, token_diversity
+from img2vec.diversity import main, parse_args
+from img2vec.token_diversity import effective_rank, token_diversity
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,31 +119,46 @@ def test_command_ranks_teachers(image_dir, tmp_path, capsys):
     torch.save({"state_dict": {"module." + k: v for k, v in timm.create_model("test_resnet").state_dict().items()}},
                ckpt)
     out = tmp_path / "out"
-    rc = main(["--teacher", "test_resnet", "--stage", "2,layer3", "--weights", str(ckpt),
-               "--teacher", "test_vit", "--stage", "1",
-               "--data", str(image_dir), "--images", "5", "--image-size", "64", "--patch-size", "16",
-               "--batch-size", "2", "--out", str(out)])
+    rc = main(["--teacher", "test_resnet", "--teacher_stage", "2,layer3", "--teacher_weights", str(ckpt),
+               "--teacher", "test_vit", "--teacher_stage", "1", "--teacher", "hog", "--teacher", "pixels",
+               "--data_path", str(image_dir), "--num_images", "5", "--image_size", "64", "--patch_size", "16",
+               "--batch_size", "2", "--output_dir", str(out)])
     assert rc == 0
     report = json.loads((out / "diversity.json").read_text())
     rows = report["results"]
     assert report["images"] == 5 and report["grid"] == [4, 4]
-    assert [(r["teacher"], r["stage"]) for r in sorted(rows, key=lambda r: r["module"])] == [
-        ("test_vit", 1), ("test_resnet", 2), ("test_resnet", 3)]
-    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert [(r["teacher"], r["module"]) for r in sorted(rows, key=lambda r: r["module"])] == [
+        ("test_vit", "blocks.1"), ("hog", "hog8x8"), ("test_resnet", "layer2"), ("test_resnet", "layer3"),
+        ("pixels", "patchify")]
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     d = [r["diversity_mean"] for r in rows]
     assert d == sorted(d, reverse=True) and all(0 <= x <= 2 for x in d)
     assert all(1 <= r["effective_rank_mean"] <= r["effective_rank_max"] + 1e-3 for r in rows)
-    assert {r["weights"] for r in rows} == {str(ckpt), "random"}
+    assert {r["weights"] for r in rows} == {str(ckpt), "random", "none"}
+    hog = next(r for r in rows if r["teacher"] == "hog")
+    assert hog["channels"] == 108 and hog["kind"] == "hog" and hog["resampling"] == "4 cells concatenated"
     assert (out / "diversity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
-    assert "test_resnet" in table and "2 (layer2)" in table and "1 (blocks.1)" in table
+    assert "test_resnet" in table and "2 (layer2)" in table and "1 (blocks.1)" in table and "hog8x8" in table
 
 
 def test_command_args():
-    args = parse_args(["--teacher", "resnet50", "--teacher", "vit_tiny_patch16_224", "--stage", "6",
-                       "--stage", "11", "--weights", "v.pth"])
+    args = parse_args(["--teacher", "resnet50", "--teacher", "vit_tiny_patch16_224", "--teacher_stage", "6",
+                       "--teacher-stage", "11", "--teacher_weights", "v.pth"])
     assert args.entries == [{"teacher": "resnet50", "stages": [], "weights": None},
                             {"teacher": "vit_tiny_patch16_224", "stages": ["6", "11"], "weights": "v.pth"}]
     with pytest.raises(SystemExit):
-        parse_args(["--stage", "3"])  # no --teacher before it
-    assert main(["--teacher", "vit_tiny", "--images", "1"]) == 2  # unknown name: one line, exit 2
+        parse_args(["--teacher_stage", "3"])  # no --teacher before it
+    with pytest.raises(SystemExit):
+        parse_args(["--num_im", "3"])  # no abbreviations
+    assert main(["--teacher", "vit_tiny", "--num_images", "1"]) == 2  # unknown name: one line, exit 2
+
+
+def test_command_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--num_images", "256"), ("--image_size", "224"), ("--output_dir", "runs/diversity"),
+                            ("--batch_size", "32")):
+        assert option in text and f"(default: {default})" in text
