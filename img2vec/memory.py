@@ -1,69 +1,16 @@
 """Per-GPU memory estimate for Img2Vec pretraining under DeepSpeed ZeRO: model states + activations.
 
-    python -m img2vec.memory --model vit_huge --zero 3 --gpus 8 --micro-batch 64 [--grad-ckpt [K]]
-        [--image-size 224] [--mask-ratio 0.75] [--offload-optimizer] [--attn sdpa|math]
+    python -m img2vec.memory --model vit_huge --zero_stage 3 --num_gpus 8 --batch_size 64 [--grad_ckpt [K]]
+        [--image_size 224] [--mask_ratio 0.75] [--teacher resnet50|hog|pixels] [--offload_optimizer]
 
-Model states, P parameters, bf16 mixed precision with Adam (ZeRO paper's 16 bytes/param rule):
-    2 (bf16 params) + 2 (bf16 grads) + 12 (fp32 master params, Adam m, Adam v) = 16 bytes/param
-    ZeRO-0 (DDP) keeps all 16 on every GPU; ZeRO-1 shards the 12 over G GPUs; ZeRO-2 also the
-    grads; ZeRO-3 all 16. `--offload-optimizer` (ZeRO-2/3) moves the 12 to CPU memory.
-    In fp32 (the CPU test) the same rule is 4 params + 4 grads + 8 Adam m/v = 16 bytes/param.
-
-DeepSpeed's own estimators (`estimate_zero2_model_states_mem_needs`, stage3's
-`estimate_zero3_model_states_mem_needs`; the `*_all_cold` ones only print them) differ from the
-rule on purpose, and `deepspeed_model_states` returns their figure beside ours:
-    ZeRO-1/2: DS = 2P + 18P/G (its stage-1 and stage-2 share one estimator). The 18 are
-        2 bf16 grads + 4 fp32 grads + 4 fp32 params + 8 Adam: DeepSpeed up-casts each rank's
-        gradient partition into an fp32 buffer before the step. DS - rule = +4P/G at ZeRO-2.
-    ZeRO-3:   DS = 4L + 18P/G, L = the largest layer's parameters: the same 18 per shard (its
-        bf16 parameter shard is not added separately) and the one layer whose bf16 params and
-        grads (2 + 2 bytes) are gathered in full while it runs. DS - rule = 4L + 2P/G.
-    Offload:  DS counts only the bf16 params on the GPU (ZeRO-2: 2P; ZeRO-3: 4L + 2P/G): its
-        gradients stream to a CPU fp32 buffer bucket by bucket. The rule keeps the bf16 grad
-        shard on the GPU, so it is 2P/G higher there (and 4L lower at ZeRO-3).
-
-Activations: what autograd keeps for backward, in bytes, e = 2 (bf16) or 4 (fp32), for one
-transformer block over B sequences of T tokens, width D, H heads (no dropout in a ViT):
-    kept(T, D, H) = B*T*(16*e*D + 16) + { e*B*H*T^2   math attention (the softmax output)
-                                        { 4*B*H*T     sdpa / flash (fp32 log-sum-exp only)
-    16*e*D = norm1 input 1 + qkv input 1 + q, k, v 3 (sdpa: views of the qkv output; math: the
-             copies its batched matmuls make, q already scaled; with B or H = 1 they are views
-             and the whole qkv buffer, one e*B*T*D more, stays) + proj input 1 (sdpa: the same
-             storage as the output its backward keeps) + norm2 input 1 + fc1 input 1
-             + GELU input 4 + fc2 input 4;
-    16 = two layer norms' fp32 mean and rstd per token.
-This is Korthikanti et al. 2022 ("Reducing activation recomputation", T*B*D*(34 + 5*H*T/D)
-bytes per layer in 16-bit) without its dropout terms, which a ViT does not have: the two 1-byte
-masks (34 -> 32 = 16*e) and the attention-dropout mask and output (5*H*T/D -> 2*H*T/D, the
-softmax output alone); flash attention removes that H*T^2 term (it recomputes the probabilities
-in backward). We use it because it is what PyTorch's autograd of img2vec/vit.py saves, term by
-term (checked with saved_tensors_hooks in tests/test_memory.py), and it matches a measured peak
-there.
-    encoder: T = V + 1 visible tokens + cls, D, H of the size; decoder: T = N + 1, Dd, Hd.
-    grad_ckpt = K: the first K encoder blocks keep only their input (e*B*T*D), and in backward
-        one block at a time is recomputed: + one kept(T, D, H) while it runs.
-    outside the blocks: encoder norm input and decoder embed input (e*B*(V+1)*D each), decoder
-        norm and head inputs on the masked rows (e*B*M*Dd each), those norms' fp32 stats
-        (8*B*(V+1+M)); the inputs torch.gather saves for its backward (it keeps its whole input,
-        not just the index): the patch embeddings e*B*N*D (ids_keep), the decoder tokens
-        e*B*N*Dd (ids_restore) and the decoder output e*B*(N+1)*Dd (ids_masked); the loss's fp32
-        pred and normed target (8*B*M*C) and the teacher's fp32 targets (4*B*N*C).
-        Inputs: the fp32 images plus, in bf16, their copy for the student (B*3*H*W*(4 + 2)).
-    backward: the decoder runs first, with every encoder activation still kept; the encoder's
-        blocks follow, after the decoder's activations are freed, one recomputed at a time when
-        checkpointed. Peak = kept outside the decoder + max(decoder blocks + its working set,
-        recomputed block + the encoder's working set). Working set of a block in backward, over
-        what it keeps: e*B*T*5*D (the grads of the block output and of the fc2 input), for math
-        attention at least e*B*T*(2*H*T - 11*D) (softmax grads in and out, less the MLP and proj
-        inputs already freed).
-    teacher forward (no grad, before the student's): its biggest layer input + output + the
-        residual it holds, measured with forward hooks on the meta device; it does not
-        overlap the student's kept activations, so the peak takes the larger of the two.
-DeepSpeed buffers (not model states): reduce bucket 2 bytes x 5e7 and, at ZeRO-3, the prefetch
-bucket 2 bytes x 5e7 (configs/ds_zero3.json). CUDA context, NCCL and allocator fragmentation are
-not counted: "fits" means within `HEADROOM` (90%) of the device memory.
+Model states: the ZeRO paper's 16 bytes/param rule (bf16 params and grads, fp32 master and
+Adam m, v), sharded by stage; DeepSpeed's own estimator is reported beside it. Activations:
+what autograd keeps per transformer block (Korthikanti et al. 2022 without dropout terms),
+checked term by term against saved tensors in tests/test_memory.py. The derivation of every
+term, and why DeepSpeed's estimator differs, is in docs/memory.md.
 """
 import argparse
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -91,7 +38,7 @@ def model_state_bytes(params: int, zero: int, gpus: int, offload_optimizer: bool
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {zero}")
     if offload_optimizer and zero < 2:
-        raise ValueError("--offload-optimizer needs ZeRO-2 or 3 (DeepSpeed offloads from those stages)")
+        raise ValueError("--offload_optimizer needs ZeRO-2 or 3 (DeepSpeed offloads from those stages)")
     w, g, o = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
     shard = lambda nbytes, from_stage: params * nbytes / (gpus if zero >= from_stage else 1)  # noqa: E731
     out = {"params": shard(w, 3), "grads": shard(g, 2), "optimizer": shard(o, 1)}
@@ -156,7 +103,8 @@ class Shapes:
     params: int  # student, all parameters (DeepSpeed partitions frozen ones too)
     largest_layer: int  # the most parameters one module holds directly (DeepSpeed's L)
     teacher_params: int
-    teacher_peak_per_image: dict = field(default_factory=dict)  # elem -> bytes per image
+    # per image: {"elements": n} at the run's precision, or {"fp32_elements": n} (pixels, hog: fp32)
+    teacher_peak_per_image: dict = field(default_factory=dict)
 
     @property
     def masked(self) -> int:
@@ -193,11 +141,12 @@ def _teacher_peak_per_image(teacher: nn.Module, image_size: int) -> int:
 
 def model_shapes(model: str, image_size: int = 224, patch_size: int = 0, mask_ratio: float = 0.75,
                  decoder_depth: int = 8, decoder_width: int = 512, decoder_heads: int = 16,
-                 teacher: str = "resnet50", teacher_stage: int = 3) -> Shapes:
+                 teacher: str = "resnet50", teacher_stage: "int | str" = 3) -> Shapes:
     """Build student and teacher on the meta device (no memory, ~1 s) and read their shapes."""
     import logging
 
-    from img2vec.teacher import Teacher
+    from img2vec.hog import WEIGHT_FREE_TEACHERS, peak_elements_per_image
+    from img2vec.teacher import build_teacher
 
     size = VIT_SIZES[model]
     p = patch_size or size.patch_size
@@ -205,7 +154,7 @@ def model_shapes(model: str, image_size: int = 224, patch_size: int = 0, mask_ra
     level, tlog.level = tlog.level, logging.ERROR  # "weights are random": irrelevant for a count
     try:
         with torch.device("meta"):
-            t = Teacher(teacher, teacher_stage, "random", p, image_size)
+            t = build_teacher(teacher, teacher_stage, "random", p, image_size)
             s = build_student(model, image_size, p, t.channels, decoder_depth, decoder_width, decoder_heads)
     finally:
         tlog.level = level
@@ -214,7 +163,8 @@ def model_shapes(model: str, image_size: int = 224, patch_size: int = 0, mask_ra
                   decoder_heads, n, num_visible(n, mask_ratio), t.channels,
                   sum(q.numel() for q in s.parameters()), _largest_layer(s),
                   sum(q.numel() for q in t.parameters()),
-                  {"elements": _teacher_peak_per_image(t, image_size)})
+                  {"fp32_elements": peak_elements_per_image(teacher, image_size, p)} if teacher in
+                  WEIGHT_FREE_TEACHERS else {"elements": _teacher_peak_per_image(t, image_size)})
 
 
 def backward_work_bytes(batch: int, tokens: int, width: int, heads: int, elem: int, attn: str) -> int:
@@ -253,7 +203,9 @@ def activation_bytes(s: Shapes, batch: int, grad_ckpt: int = 0, attn: str = "sdp
     out["encoder_phase"] = kept + out["recompute"] + work_enc
     out["student_peak"] = max(out["decoder_phase"], out["encoder_phase"])
     # the teacher runs before the student's forward: its transient overlaps only the images
-    out["teacher_peak"] = e * B * s.teacher_peak_per_image["elements"] + out["inputs"]
+    peak = s.teacher_peak_per_image
+    per_image = 4 * peak["fp32_elements"] if "fp32_elements" in peak else e * peak["elements"]
+    out["teacher_peak"] = B * per_image + out["inputs"]
     out["total"] = max(out["student_peak"], out["teacher_peak"])
     return out
 
@@ -334,7 +286,7 @@ def report(est: Estimate, device_bytes: float = H100_BYTES) -> str:
                         "4L gathered layer + 2P/G" if est.zero == 3 and not est.offload_optimizer else
                         "DS streams grads to CPU") + "; see module doc)")
     lines += [
-        "activations (bf16; formula: `pydoc img2vec.memory`):",
+        "activations (bf16; formula: docs/memory.md):",
         f"  encoder blocks         {g(a['encoder_blocks'])}",
         f"  decoder blocks         {g(a['decoder_blocks'])}",
         f"  outside the blocks     {g(a['outside_blocks'])}",
@@ -351,43 +303,53 @@ def report(est: Estimate, device_bytes: float = H100_BYTES) -> str:
         + ("FITS" if est.fits(device_bytes) else "DOES NOT FIT"),
         f"largest micro-batch that fits: {max_micro_batch(est.shapes, device_bytes, **kw)}"
         + ("" if est.grad_ckpt == s.depth else
-           f"; with --grad-ckpt (all {s.depth} blocks): "
+           f"; with --grad_ckpt (all {s.depth} blocks): "
            f"{max_micro_batch(est.shapes, device_bytes, **{**kw, 'grad_ckpt': s.depth})}"),
     ]
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m img2vec.memory", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="vit_huge", choices=list(VIT_SIZES))
-    ap.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3))
-    ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--micro-batch", type=int, default=64)
-    ap.add_argument("--grad-ckpt", type=int, nargs="?", const=-1, default=0,
+def main(argv: "list[str] | None" = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m img2vec.memory", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="vit_huge", choices=list(VIT_SIZES), help="student size preset")
+    ap.add_argument("--zero_stage", "--zero-stage", type=int, default=3, choices=(0, 1, 2, 3),
+                    help="DeepSpeed ZeRO stage (0 = plain data parallel)")
+    ap.add_argument("--num_gpus", "--num-gpus", type=int, default=8, help="GPUs the states are sharded over")
+    ap.add_argument("--batch_size", "--batch-size", type=int, default=64, help="images per GPU per step (micro-batch)")
+    ap.add_argument("--grad_ckpt", "--grad-ckpt", type=int, nargs="?", const=-1, default=0,
                     help="checkpoint the first K encoder blocks; bare flag = all of them")
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--patch-size", type=int, default=0, help="0 = the size's own (14 for vit_huge)")
-    ap.add_argument("--mask-ratio", type=float, default=0.75)
-    ap.add_argument("--decoder-depth", type=int, default=8)
-    ap.add_argument("--decoder-width", type=int, default=512)
-    ap.add_argument("--decoder-heads", type=int, default=16)
-    ap.add_argument("--teacher", default="resnet50")
-    ap.add_argument("--teacher-stage", type=int, default=3)
-    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "math"))
-    ap.add_argument("--offload-optimizer", action="store_true")
-    ap.add_argument("--gpu-mem-gib", type=float, default=H100_BYTES / GiB)
+    ap.add_argument("--image_size", "--image-size", type=int, default=224, help="input side in pixels")
+    ap.add_argument("--patch_size", "--patch-size", type=int, default=0, help="0 = the size's own (14 for vit_huge)")
+    ap.add_argument("--mask_ratio", "--mask-ratio", type=float, default=0.75, help="fraction of patches masked")
+    ap.add_argument("--decoder_depth", "--decoder-depth", type=int, default=8, help="decoder blocks")
+    ap.add_argument("--decoder_width", "--decoder-width", type=int, default=512, help="decoder width")
+    ap.add_argument("--decoder_heads", "--decoder-heads", type=int, default=16, help="decoder heads")
+    ap.add_argument("--teacher", default="resnet50", help="pixels, hog, or a timm model name")
+    ap.add_argument("--teacher_stage", "--teacher-stage", default="3",
+                    help="stage index or module name of a timm teacher (pixels/hog: ignored)")
+    ap.add_argument("--attn_impl", "--attn-impl", default="sdpa", choices=("sdpa", "math"),
+                    help="attention backend: sdpa keeps no (T, T) matrix, math does")
+    ap.add_argument("--offload_optimizer", "--offload-optimizer", action="store_true",
+                    help="ZeRO-2/3 optimizer states in CPU memory")
+    ap.add_argument("--gpu_mem_gib", "--gpu-mem-gib", type=float, default=round(H100_BYTES / GiB, 2),
+                    help="device memory in GiB (an 80 GB H100 reports 79.6)")
     args = ap.parse_args(argv)
-    if args.gpus < 1 or args.micro_batch < 1:
-        ap.error("--gpus and --micro-batch must be >= 1")
-    s = model_shapes(args.model, args.image_size, args.patch_size, args.mask_ratio, args.decoder_depth,
-                     args.decoder_width, args.decoder_heads, args.teacher, args.teacher_stage)
-    k = s.depth if args.grad_ckpt < 0 else args.grad_ckpt
+    if args.num_gpus < 1 or args.batch_size < 1:
+        print("error: --num_gpus and --batch_size must be >= 1", file=sys.stderr)
+        return 2
     try:
-        est = estimate(s, args.zero, args.gpus, args.micro_batch, k, args.offload_optimizer, args.attn)
-    except ValueError as e:
-        ap.error(str(e))
+        s = model_shapes(args.model, args.image_size, args.patch_size, args.mask_ratio, args.decoder_depth,
+                         args.decoder_width, args.decoder_heads, args.teacher, args.teacher_stage)
+        k = s.depth if args.grad_ckpt < 0 else args.grad_ckpt
+        est = estimate(s, args.zero_stage, args.num_gpus, args.batch_size, k, args.offload_optimizer,
+                       args.attn_impl)
+    except ValueError as e:  # unknown teacher / stage, offload below ZeRO-2, hog with a bad patch size
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(report(est, args.gpu_mem_gib * GiB))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -196,9 +196,39 @@ def test_estimate_vs_measured_cpu_peak():
 
 
 def test_cli_vit_huge(capsys):
-    memory.main(["--model", "vit_huge", "--zero", "3", "--gpus", "8", "--micro-batch", "64", "--grad-ckpt"])
+    assert memory.main(["--model", "vit_huge", "--zero_stage", "3", "--num_gpus", "8", "--batch_size", "64",
+                        "--grad_ckpt"]) == 0
     out = capsys.readouterr().out
     assert "grad_ckpt 32/32" in out and "FITS" in out and "DeepSpeed's estimator" in out
+
+
+def test_cli_convention_help_aliases_and_user_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        memory.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--zero_stage", "3"), ("--num_gpus", "8"), ("--batch_size", "64"), ("--grad_ckpt", "0")):
+        assert option in text and f"(default: {default})" in text
+    assert memory.main(["--model", "vit_tiny", "--zero-stage", "1", "--num-gpus", "2", "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    assert memory.main(["--model", "vit_tiny", "--zero_stage", "1", "--offload_optimizer"]) == 2
+    assert memory.main(["--model", "vit_tiny", "--teacher", "hog", "--patch_size", "14"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "ZeRO-2" in err[0] and "multiple of 8" in err[1]
+    with pytest.raises(SystemExit):
+        memory.main(["--num_gpu", "2"])  # no abbreviations
+
+
+@pytest.mark.parametrize("teacher, channels", [("hog", 108), ("pixels", 768)])
+def test_weight_free_teachers_in_the_estimate(teacher, channels):
+    """No teacher weights; C is the target width; the fp32 forward peak scales with the image."""
+    s = memory.model_shapes("vit_base", 224, 16, 0.75, 8, 512, 16, teacher, 3)
+    r50 = memory.model_shapes("vit_base", 224, 16, 0.75, 8, 512, 16, "resnet50", 3)
+    assert s.channels == channels and s.teacher_params == 0 and s.params < r50.params + 512 * channels
+    est = memory.estimate(s, zero=2, gpus=8, micro_batch=64)
+    assert est.teacher_bytes == 0
+    a = est.activations
+    assert a["teacher_peak"] - a["inputs"] == 64 * 4 * s.teacher_peak_per_image["fp32_elements"]
 
 
 def test_grad_ckpt_and_attention_move_the_max_micro_batch(huge):
