@@ -81,7 +81,8 @@ class Config(_Loadable):
     decoder_width: int = _key(128, "model", "decoder width (divisible by decoder_heads and by 4)", arch=True)
     decoder_heads: int = _key(4, "model", "decoder attention heads", arch=True)
     mask_ratio: float = _key(0.75, "model", "fraction of patches masked, in (0, 1)")
-    teacher: str = _key("resnet50", "teacher", "timm CNN whose features are the targets", arch=True)
+    teacher: str = _key("resnet50", "teacher", "timm model whose features are the targets, or pixels | hog",
+                        arch=True)
     teacher_stage: int = _key(3, "teacher", "timm features_only stage (resnet50 3: stride 16, C=1024)",
                               arch=True)
     teacher_weights: str = _key("", "teacher", "a local .safetensors/.pth file, or 'random' (said explicitly)")
@@ -158,7 +159,9 @@ class Config(_Loadable):
             raise ConfigError(f"max_nonfinite_steps must be > 0, got {self.max_nonfinite_steps}")
         if min(self.ckpt_every, self.diversity_every, self.keep_last, self.eval_every) < 0:
             raise ConfigError("ckpt_every, diversity_every, keep_last and eval_every must be >= 0")
-        if self.teacher_weights == "" and not self.uses_sample_data:
+        from img2vec.hog import WEIGHT_FREE_TEACHERS
+
+        if self.teacher_weights == "" and not self.uses_sample_data and self.teacher not in WEIGHT_FREE_TEACHERS:
             raise ConfigError("set teacher_weights to a local .safetensors/.pth file of the teacher "
                               "(or 'random' to train against an untrained teacher)")
         if self.teacher_weights not in ("", "random") and not os.path.isfile(self.teacher_weights):
@@ -216,11 +219,11 @@ class FinetuneConfig(_Loadable):
         self._check_common()
         if not 0 < self.layer_decay <= 1:
             raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        for name, low, high in (("drop_path", 0, 1), ("label_smoothing", 0, 1), ("hflip", 0, 1.0000001),
-                                ("crop_scale_min", 1e-9, 1.0000001)):
-            if not low <= getattr(self, name) < high:
-                raise ConfigError(f"{name} must be in [{low}, {min(high, 1)}{')' if high < 1.0000001 else ']'}, "
-                                  f"got {getattr(self, name)}")
+        if not (0 <= self.drop_path < 1 and 0 <= self.label_smoothing < 1 and 0 <= self.hflip <= 1
+                and 0 < self.crop_scale_min <= 1):
+            raise ConfigError(f"drop_path and label_smoothing must be in [0, 1), hflip in [0, 1], crop_scale_min "
+                              f"in (0, 1]; got {self.drop_path}, {self.label_smoothing}, {self.hflip}, "
+                              f"{self.crop_scale_min}")
         if self.mixup < 0 or self.cutmix < 0:
             raise ConfigError(f"mixup and cutmix must be >= 0, got {self.mixup}, {self.cutmix}")
         return self

@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(FinetuneConfig, args)
+        resolved = resolve_batch(args.ds_config, cfg, launch_world_size())[1]  # the JSON checked before anything slow
         if args.print_config:
-            print_config(resolve_batch(args.ds_config, cfg, launch_world_size())[1])
+            print_config(resolved)
             return 0
         from img2vec.eval.common import eval_transform, image_folder
 

@@ -78,11 +78,12 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: R
 
 
 def build_teacher(cfg: Config):
-    """The frozen teacher of a pretraining config (seeded: a random teacher is the same every time)."""
-    from img2vec.teacher import Teacher
+    """The frozen teacher of a pretraining config (seeded: a random teacher is the same every time);
+    img2vec.teacher.build_teacher picks a weight-free one (pixels, hog) or a timm model."""
+    from img2vec.teacher import build_teacher as teacher_by_name
 
-    weights = cfg.teacher_weights or "random"  # "" only passes validation on the sample data
-    return Teacher(cfg.teacher, cfg.teacher_stage, weights, cfg.resolved_patch_size, cfg.image_size, seed=cfg.seed)
+    return teacher_by_name(cfg.teacher, cfg.teacher_stage, cfg.teacher_weights, cfg.resolved_patch_size,
+                           cfg.image_size, seed=cfg.seed)
 
 
 def build_student_from_config(cfg: Config, out_channels: int, attn_impl: str = "sdpa"):

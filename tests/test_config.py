@@ -1,8 +1,10 @@
 """Run config: precedence, types, and one clear line for each mistake."""
+from dataclasses import fields
+
 import pytest
 import yaml
 
-from img2vec.config import Config, ConfigError, load_config
+from img2vec.config import GROUPS, Config, ConfigError, FinetuneConfig, load_config, run_config
 
 
 def test_defaults_are_the_embedded_smoke_run():
@@ -84,3 +86,64 @@ def test_yaml_cannot_execute_code(tmp_path):
 def test_dataclass_fields_all_have_defaults():
     # The embedded default constructs with no arguments and is valid as it stands.
     assert Config().validate() == load_config()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--base_lr", "nan"], "base_lr must be a finite number, got nan"),
+    (["--base_lr", "1e400"], "base_lr must be a finite number, got inf"),
+    (["--warmup_epochs", "nan"], "warmup_epochs must be a finite number, got nan"),
+    (["--loss_eps", "-inf"], "loss_eps must be a finite number, got -inf"),
+    (["--adam_beta1", "1.5"], r"adam_beta1 must be in \[0, 1\), got 1.5"),
+    (["--adam_beta2", "-0.1"], r"adam_beta2 must be in \[0, 1\), got -0.1"),
+    (["--weight_decay", "-1"], "weight_decay must be >= 0, got -1.0"),
+    (["--num_workers", "-1"], "num_workers must be >= 0, got -1"),
+    (["--seed", "-1"], "seed must be >= 0, got -1"),
+    (["--batch_size", "-4"], "batch_size must be >= 0, got -4"),
+    (["--max_steps", "-1"], "max_steps must be >= 0, got -1"),
+    (["--base_lr", "0"], "base_lr must be > 0"),
+])
+def test_non_finite_or_impossible_hyperparameters_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_with_a_non_string_key_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for text in ("1: 2\n", "[a, b]: 3\n", "null: 1\n"):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match="config keys must be strings|found unhashable key") as info:
+            load_config(str(bad))
+        assert "\n" not in str(info.value)
+
+
+def test_architecture_keys_are_the_fields_that_fix_weight_shapes():
+    keys = Config.architecture_keys()
+    assert {"model", "patch_size", "image_size", "decoder_width", "teacher", "teacher_stage"} <= set(keys)
+    assert not {"base_lr", "batch_size", "mask_ratio", "seed", "output_dir"} & set(keys)
+    assert set(keys) <= set(Config.__dataclass_fields__)
+
+
+def test_every_field_has_a_group_and_a_one_line_help():
+    for cls in (Config, FinetuneConfig):
+        for f in fields(cls):
+            assert f.metadata["group"] in GROUPS and f.metadata["help"] and "\n" not in f.metadata["help"], f.name
+
+
+def test_finetune_config_uses_the_same_loader(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"encoder": "run", "data_path": str(tmp_path), "epochs": 3}))
+    cfg = load_config(str(path), ["--epochs", "5", "--batch_size", "16"], FinetuneConfig)
+    assert (cfg.encoder, cfg.epochs, cfg.batch_size) == ("run", 5, 16)
+    with pytest.raises(ConfigError, match="data_path must be a folder with train/ and val/"):
+        load_config(None, ["--encoder", "run"], FinetuneConfig)
+
+
+def test_run_config_reads_a_saved_config_without_revalidating(tmp_path):
+    cfg = load_config(None, ["--image_size", "64"])
+    cfg.save(str(tmp_path / "config.yaml"))
+    text = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text + "a_key_from_another_version: 1\n")
+    assert run_config(str(tmp_path / "config.yaml")) == cfg
