@@ -147,3 +147,16 @@ def test_run_config_reads_a_saved_config_without_revalidating(tmp_path):
     text = (tmp_path / "config.yaml").read_text()
     (tmp_path / "config.yaml").write_text(text + "a_key_from_another_version: 1\n")
     assert run_config(str(tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize("preset", ["pretrain_vit_base", "pretrain_vit_large", "pretrain_vit_huge"])
+def test_each_preset_reaches_the_global_batch_it_states(preset, tmp_path):
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml"
+    stated = re.search(r"Global batch (\d+) on\s+(?:#\s*)?(\d+) GPUs", path.read_text())
+    assert stated, f"{path.name} must say 'Global batch G on N GPUs' in its header"
+    global_batch, gpus = map(int, stated.groups())
+    cfg = load_config(str(path), ["--teacher_weights", "random", "--data_path", str(tmp_path)])
+    assert cfg.batch_size * cfg.accum_iter * gpus == global_batch
