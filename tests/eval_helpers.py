@@ -11,12 +11,8 @@ from pathlib import Path
 from dataloading.digits import digits_dataset_dir
 from train_helpers import REPO, TRAIN, free_port, write_ds_config
 
-# The proof's recipe: vit_tiny at 32x32, patch 8 (16 patches), 75% masked, a 2-block 128-wide
-# decoder (1 x 64 left more of the reconstruction to the encoder: 5 kNN points less); the teacher is a
-# random convnext_atto's stage 0 (its 4x4 patchify stem + LayerNorm, C = 40, average-pooled to
-# the 8x8 patches): with no trained weights to be had, the stem's random projection of pixels is
-# the target that teaches (deeper random stages do not: see the proof's docstring). Peak lr
-# 1e-3 * 64 / 256 = 2.5e-4, one warmup epoch, then cosine to 0 at PROOF_STEPS.
+# The digits recipe (docs/evaluation.md says why each setting is what it is): vit_tiny at 32x32, patch 8,
+# a random convnext_atto stem as the teacher, peak lr 1e-3 * 64 / 256, cosine to 0 at PROOF_STEPS.
 PROOF_STEPS = 400
 PROOF_ARGS = ("--model", "vit_tiny", "--image_size", "32", "--patch_size", "8",
               "--teacher", "convnext_atto", "--teacher_stage", "0", "--teacher_weights", "random",

@@ -182,3 +182,17 @@ def test_visualize_writes_one_png_per_image(tmp_path_factory, tmp_path):
     for image in images:
         with Image.open(tmp_path / f"{image.stem}.png") as png:
             assert png.size[0] >= 600 and png.size[1] >= 250  # three readable panels side by side
+
+
+@pytest.mark.parametrize("module, args", [
+    ("img2vec.eval.knn", ["--k", "0"]),
+    ("img2vec.eval.knn", ["--temperature", "nan"]),
+    ("img2vec.eval.linear_probe", ["--base_lr", "inf"]),
+    ("img2vec.eval.linear_probe", ["--epochs", "0"]),
+])
+def test_eval_commands_refuse_impossible_values_in_one_line(module, args, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(["--encoder", "x", "--data_path", "y", *args])
+    assert info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

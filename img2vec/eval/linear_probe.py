@@ -3,18 +3,9 @@
     python -m img2vec.eval.linear_probe --encoder RUN_DIR_or_encoder.safetensors --data_path ROOT \
         [--epochs 90] [--optimizer sgd|lars] [--base_lr 0.1] [--pool cls]
 
-Recipe of MAE's main_linprobe.py: BatchNorm1d(D, affine=False, eps=1e-6) in front of a
-Linear(D, classes) (weights trunc-normal std 0.01, bias 0), weight decay 0, lr = base_lr *
-batch / 256, linear warmup then half-cosine, cross-entropy. The optimizer defaults to SGD
-(momentum 0.9): LARS, MAE's choice for batch 16384, scales each step by 0.001 * |w| / |g|
-and barely moves a 0.01-std head in the few hundred steps of a small data set (digits:
-38% after 90 epochs vs 90% with SGD); pass --optimizer lars --base_lr 0.1 --batch_size 16384
-to reproduce MAE on ImageNet.
-
-One difference, for speed: the frozen encoder runs once over each split (center crop, no
-augmentation) and the head trains on those cached features. That is exact for a frozen
-encoder without augmentation; MAE augments each epoch with RandomResizedCrop + flip, which
-here would cost one encoder pass per epoch for a few tenths of a point.
+Recipe of MAE's main_linprobe.py (BatchNorm1d(D, affine=False) + Linear(D, classes), no weight
+decay, lr = base_lr * batch / 256, warmup then half-cosine), with SGD as the default optimizer and
+features cached once per split; docs/evaluation.md says why.
 Prints one JSON line {"top1": ..., "top5": ...} (val, percent, after the last epoch).
 """
 from __future__ import annotations
