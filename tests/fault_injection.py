@@ -5,9 +5,14 @@ production code path stays exactly as shipped. Faults are chosen by environment 
                           FAULT:WRITING and sleep (the test SIGKILLs the process then)
     FAULT_NAN_AT=i,j,...  the teacher targets of these micro-steps (0-based) are all NaN
     FAULT_STEP_DELAY=s    sleep s seconds per micro-step (so a signal lands mid-epoch)
+    FAULT_NAN_WEIGHTS_AT=k  after the k-th engine.step() (1-based), one weight and ZeRO's fp32
+                          master copy become NaN (what an infinite learning rate does)
+    FAULT_ENOSPC_AT=k     during the k-th checkpoint, after DeepSpeed wrote its first file, the
+                          next write fails with ENOSPC (a full disk)
 
-Usage: python tests/fault_injection.py <train.py arguments>
+Usage: python tests/fault_injection.py <train.py arguments>    (TRAIN_PY: another train.py to run)
 """
+import errno
 import os
 import runpy
 import sys
@@ -17,13 +22,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 
 from img2vec.teacher import Teacher  # noqa: E402
 
 slow_save = int(os.environ.get("FAULT_SLOW_SAVE", "0"))
 nan_at = {int(i) for i in os.environ.get("FAULT_NAN_AT", "").split(",") if i}
 step_delay = float(os.environ.get("FAULT_STEP_DELAY", "0"))
+nan_weights_at = int(os.environ.get("FAULT_NAN_WEIGHTS_AT", "0"))
+enospc_at = int(os.environ.get("FAULT_ENOSPC_AT", "0"))
 
 saves = {"checkpoints": 0}
 original_create, original_save = TorchCheckpointEngine.create, TorchCheckpointEngine.save
@@ -35,7 +44,10 @@ def create(self, info):
 
 
 def save(self, state_dict, path):
+    if saves["checkpoints"] == enospc_at and saves.get("written"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     original_save(self, state_dict, path)
+    saves["written"] = saves["checkpoints"] == enospc_at
     if saves["checkpoints"] == slow_save:
         print("\nFAULT:WRITING", path, flush=True)
         time.sleep(300)
@@ -53,7 +65,23 @@ def forward(self, images):
     return target.fill_(float("nan")) if calls["teacher"] - 1 in nan_at else target
 
 
+engine_steps = {"n": 0}
+original_step = DeepSpeedEngine.step
+
+
+def step(self, *args, **kwargs):
+    result = original_step(self, *args, **kwargs)
+    engine_steps["n"] += 1
+    if engine_steps["n"] == nan_weights_at:
+        with torch.no_grad():
+            next(self.module.parameters()).fill_(float("nan"))
+            for flat in getattr(self.optimizer, "single_partition_of_fp32_groups", []):
+                flat.fill_(float("nan"))
+    return result
+
+
 TorchCheckpointEngine.create, TorchCheckpointEngine.save = create, save
 Teacher.forward = forward
-sys.argv = [str(REPO / "img2vec" / "train.py"), *sys.argv[1:]]
+DeepSpeedEngine.step = step
+sys.argv = [os.environ.get("TRAIN_PY", str(REPO / "img2vec" / "train.py")), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from train_helpers import REPO, checkpoint_dir, losses, step_tag, train, train_args, write_ds_config
 
 from img2vec.checkpoint import consolidated_fp32_state_dict
-from img2vec.engine import skip_step_if
+from img2vec.optim import skip_step_if
 
 INJECT = REPO / "tests" / "fault_injection.py"
 STEPS = ["--max_steps", "6", "--ckpt_every", "2"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from img2vec.checkpoint import checkpoint_dir, consolidated_fp32_state_dict, frozen_parameters
+from img2vec.checkpoint import consolidated_fp32_state_dict, frozen_parameters, newest_complete
 from img2vec.vit import VIT_SIZES, VitEncoder
 
 POOLS = ("cls", "avg")  # cls: class token (timm global_pool="token"); avg: mean of patch tokens
@@ -34,12 +34,13 @@ class CheckpointRef:
 
 
 def find_checkpoint(path: str) -> CheckpointRef | None:
-    """A run dir -> its latest checkpoint; a checkpoints/<tag> dir -> that one; else None."""
+    """A run dir -> its newest complete checkpoint; a run_dir/checkpoints/<tag> dir -> that one;
+    else None. `latest` is not followed (a plain file that could point anywhere, even out of the
+    run folder); whatever is found is verified again when it is loaded."""
     path = os.path.abspath(path)
-    latest = os.path.join(checkpoint_dir(path), "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return CheckpointRef(path, f.read().strip())
+    newest = newest_complete(path)
+    if newest is not None:
+        return CheckpointRef(path, os.path.basename(newest))
     parent = os.path.dirname(path)
     if os.path.basename(parent) == "checkpoints" and os.path.isdir(path):
         return CheckpointRef(os.path.dirname(parent), os.path.basename(path))
@@ -57,11 +58,12 @@ def encoder_from_run_config(run_dir: str) -> VitEncoder:
     return VitEncoder(cfg["image_size"], cfg["patch_size"] or size.patch_size, size.width, size.depth, size.heads)
 
 
-def checkpoint_student_state(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full fp32 student state dict, the encoder's timm kwargs) from one DeepSpeed checkpoint."""
+def checkpoint_student_state(ref: CheckpointRef, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full fp32 student state dict, the encoder's timm kwargs) from one DeepSpeed checkpoint,
+    verified first (complete, sha256, safe pickles unless trust): CheckpointError, one line, if not."""
     encoder = encoder_from_run_config(ref.run_dir)
     frozen = {f"encoder.{k}": v for k, v in frozen_parameters(encoder).items()}  # the fixed pos_embed
-    return consolidated_fp32_state_dict(ref.run_dir, ref.tag, frozen), encoder.timm_kwargs()
+    return consolidated_fp32_state_dict(ref.run_dir, ref.tag, frozen, trust), encoder.timm_kwargs()
 
 
 def encoder_only(student_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,8 +90,10 @@ def _export_files(path: str) -> tuple[str, str] | None:
     return None
 
 
-def load_encoder_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(encoder state dict with timm names, timm kwargs) from an export, run dir or checkpoint dir."""
+def load_encoder_state(path: str, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(encoder state dict with timm names, timm kwargs) from an export, run dir or checkpoint dir.
+    A checkpoint is verified before anything is unpickled; trust=True lets through pickles that
+    would run code (--trust_checkpoint)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: pass encoder.safetensors, a run folder "
                                 f"or a run_dir/checkpoints/<tag> folder")
@@ -102,7 +106,7 @@ def load_encoder_state(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     ref = find_checkpoint(path)
     if ref is None:
         raise FileNotFoundError(f"no encoder.safetensors and no DeepSpeed checkpoint under {path}")
-    state, timm_kwargs = checkpoint_student_state(ref)
+    state, timm_kwargs = checkpoint_student_state(ref, trust)
     return encoder_only(state), timm_kwargs
 
 
@@ -114,9 +118,9 @@ def build_encoder(timm_kwargs: dict, attn_impl: str = "sdpa") -> VitEncoder:
                       timm_kwargs["num_heads"], timm_kwargs.get("mlp_ratio", 4.0), attn_impl)
 
 
-def load_encoder(path: str, init: str = "pretrained", seed: int = 0) -> VitEncoder:
+def load_encoder(path: str, init: str = "pretrained", seed: int = 0, trust: bool = False) -> VitEncoder:
     """The encoder at `path` (eval mode, fp32, CPU); init="random": same architecture, seeded init."""
-    state, timm_kwargs = load_encoder_state(path)
+    state, timm_kwargs = load_encoder_state(path, trust)
     if init == "random":
         torch.manual_seed(seed)
         return build_encoder(timm_kwargs).eval()

@@ -1,0 +1,436 @@
+"""Hostile users and flaky clusters, in real processes: code-running pickles on every path that
+reads a checkpoint, damaged folders with keep_last, signals under the real launchers, two runs
+on one output_dir, same-size corruption, non-finite weights at save, broken DeepSpeed JSON, a
+full disk, changed settings at resume, and byte-reproducible exports.
+
+TRAIN_PY (environment) names another copy of train.py to drive; the default is the repo's.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import REPO, checkpoint_dir, free_port, step_tag, train_args, write_ds_config
+
+TRAIN = Path(os.environ.get("TRAIN_PY", REPO / "img2vec" / "train.py"))
+INJECT = REPO / "tests" / "fault_injection.py"
+STEPS = ["--max_steps", "6", "--ckpt_every", "2"]
+DEEPSPEED = shutil.which("deepspeed")
+TORCHRUN = shutil.which("torchrun")
+
+
+def env(**faults: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "TRAIN_PY": str(TRAIN),
+            **{f"FAULT_{k.upper()}": v for k, v in faults.items()}}
+
+
+def run_train(run: Path, data_dir: Path, ds: Path, *extra: str, expect_rc: int | None = 0,
+              **faults: str) -> subprocess.CompletedProcess:
+    """train.py in one plain python process (through the fault injector when faults are given)."""
+    script = [str(INJECT)] if faults else [str(TRAIN)]
+    proc = subprocess.run([sys.executable, *script, *train_args(run, data_dir, ds, *extra)], cwd=REPO,
+                          env=env(**faults), capture_output=True, text=True, timeout=600)
+    if expect_rc is not None:
+        assert proc.returncode == expect_rc, f"rc {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(ckpt_path: Path, name: str, payload) -> None:
+    """Replace one checkpoint file and rewrite the manifest to match, as an attacker with write
+    access could (sizes and, if the manifest has them, sha256s)."""
+    import hashlib
+
+    torch.save(payload, ckpt_path / name)
+    manifest_path = ckpt_path / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        manifest[name] = (ckpt_path / name).stat().st_size
+        if "_sha256" in manifest:
+            manifest["_sha256"][name] = hashlib.sha256((ckpt_path / name).read_bytes()).hexdigest()
+        manifest_path.write_text(json.dumps(manifest))
+
+
+def loadable(tag_dir: Path) -> bool:
+    from img2vec.checkpoint import check_complete
+
+    return tag_dir.is_dir() and check_complete(str(tag_dir)) is None
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json", 2, 8)
+
+
+@pytest.fixture(scope="module")
+def two_step_run(data_dir, ds, tmp_path_factory):
+    """A finished 2-step run (checkpoint step 2, encoder export); tests copy it."""
+    run = tmp_path_factory.mktemp("two") / "run"
+    run_train(run, data_dir, ds, "--max_steps", "2")
+    return run
+
+
+@pytest.fixture
+def run_copy(two_step_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_step_run, run)
+    return run
+
+
+# --- 1. No pickled code runs from any checkpoint ---------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_crafted_state_step_cannot_point_the_end_of_run_export_at_a_hostile_folder(data_dir, ds, run_copy,
+                                                                                     tmp_path):
+    ckpt, marker = Path(checkpoint_dir(str(run_copy))), tmp_path / "code_ran"
+    state_path = ckpt / step_tag(2) / "img2vec_state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "step": 99}))
+    manifest = json.loads((ckpt / step_tag(2) / "manifest.json").read_text())
+    manifest = {name: size for name, size in manifest.items() if not name.startswith("_")}  # sizes only
+    manifest["img2vec_state.json"] = state_path.stat().st_size
+    (ckpt / step_tag(2) / "manifest.json").write_text(json.dumps(manifest))
+    hostile = ckpt / step_tag(99)  # no manifest: never verified, never to be read
+    shutil.copytree(ckpt / step_tag(2), hostile)
+    (hostile / "manifest.json").unlink()
+    torch.save({"module": RunsCode(marker)}, hostile / "mp_rank_00_model_states.pt")
+
+    proc = run_train(run_copy, data_dir, ds, "--max_steps", "3", expect_rc=None)
+    assert not marker.exists(), "a pickle from an unverified folder ran"
+    assert f"skipping checkpoint {ckpt / step_tag(2)}: its state says step 99" in proc.stderr
+    assert proc.returncode == 0 and loadable(ckpt / step_tag(3))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command", ["export", "knn", "visualize"])
+def test_every_reading_command_refuses_a_code_running_pickle_in_one_line(command, run_copy, data_dir, tmp_path):
+    marker = tmp_path / "code_ran"
+    plant(Path(checkpoint_dir(str(run_copy))) / step_tag(2), "mp_rank_00_model_states.pt",
+          {"module": RunsCode(marker)})
+    (run_copy / "encoder.safetensors").unlink()  # so the readers must open the checkpoint
+    image = str(next(Path(data_dir).rglob("*.jpg")))
+    args = {"export": ["img2vec.export", str(run_copy), "--out", str(tmp_path / "out")],
+            "knn": ["img2vec.eval.knn", str(run_copy), "--data", str(tmp_path / "nodata")],
+            "visualize": ["img2vec.visualize", str(run_copy), "--images", image, "--out", str(tmp_path / "v")]}
+    proc = run_module(*args[command])
+    assert not marker.exists(), f"{command} ran the pickle"
+    errors = [line for line in proc.stderr.splitlines() if "outside the safe set" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.e2e
+def test_latest_pointing_out_of_the_run_folder_is_not_followed(run_copy, tmp_path):
+    marker, elsewhere = tmp_path / "code_ran", tmp_path / "elsewhere" / "checkpoints" / "evil"
+    shutil.copytree(Path(checkpoint_dir(str(run_copy))) / step_tag(2), elsewhere)
+    (elsewhere / "manifest.json").unlink()
+    torch.save({"module": RunsCode(marker)}, elsewhere / "mp_rank_00_model_states.pt")
+    victim = tmp_path / "victim"
+    (victim / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_copy / "config.yaml", victim / "config.yaml")
+    (victim / "checkpoints" / "latest").write_text(os.path.relpath(elsewhere, victim / "checkpoints"))
+
+    proc = run_module("img2vec.export", str(victim), "--out", str(tmp_path / "out"))
+    assert not marker.exists(), "latest was followed out of the run folder"
+    assert proc.returncode == 2 and "no DeepSpeed checkpoint" in proc.stderr, proc.stderr[-3000:]
+
+
+# --- 2. Pruning counts complete checkpoints only ---------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_keep_last_1_with_newer_empty_step_folders_keeps_the_newest_complete_checkpoint(data_dir, ds, tmp_path):
+    run = tmp_path / "run"
+    ckpt = Path(checkpoint_dir(str(run)))
+    for step in (50, 60, 70):  # the README's "empty checkpoint folder" fault, three times
+        (ckpt / step_tag(step)).mkdir(parents=True)
+    proc = run_train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2", "--keep_last", "1",
+                     expect_rc=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert loadable(ckpt / step_tag(4)) and not (ckpt / step_tag(2)).exists()  # pruned: 1 complete kept
+    assert all((ckpt / step_tag(s)).is_dir() for s in (50, 60, 70))  # damaged ones: left, not counted
+    assert (run / "encoder.safetensors").is_file()
+
+
+# --- 3. Signals under the real launchers --------------------------------------------------------------
+
+
+def launch(cmd: list[str], run: Path, data_dir: Path, ds: Path, *extra: str, **faults) -> subprocess.Popen:
+    """Start a launcher command line in its own session (so a test can signal its process group)."""
+    return subprocess.Popen([*cmd, str(INJECT), *train_args(run, data_dir, ds, *STEPS, *extra)], cwd=REPO,
+                            env=env(step_delay="0.5", **faults), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_first_step(proc: subprocess.Popen, run: Path) -> None:
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+        assert time.time() < deadline and proc.poll() is None, "training never logged a step"
+        time.sleep(0.1)
+
+
+def drain(proc: subprocess.Popen, timeout: float = 150) -> str:
+    """Everything the launcher and its workers print, until the last of them closes the pipe."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the workers did not stop:\n{out[-3000:]}")
+    return out
+
+
+LAUNCHERS = {
+    "deepspeed": lambda: [sys.executable, DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port())],
+    "torchrun": lambda: [sys.executable, TORCHRUN, "--nproc_per_node", "1", "--master_port", str(free_port())],
+    "python": lambda: [sys.executable],
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("launcher,how", [
+    ("deepspeed", "SIGTERM to the launcher"),  # the launcher dies; the orphaned worker must notice
+    ("deepspeed", "Ctrl-C"),  # SIGINT to the group, then launch.py's SIGTERM: one request, not two
+    ("torchrun", "SIGTERM to the launcher"),
+    ("torchrun", "Ctrl-C"),
+    ("python", "Ctrl-C"),
+])
+def test_preemption_and_ctrl_c_checkpoint_and_exit_0_under_each_launcher(launcher, how, data_dir, ds, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(LAUNCHERS[launcher](), run, data_dir, ds)
+    wait_for_first_step(proc, run)
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+    else:
+        proc.send_signal(signal.SIGTERM)
+    out = drain(proc)
+    assert "checkpoint written. Rerun the same command to resume" in out, out[-4000:]
+    assert "exiting now, without a checkpoint" not in out
+    stopped_at = int(out.split("checkpoint written")[0].rsplit(" at step ", 1)[1].split(";")[0])
+    assert stopped_at < 6 and (Path(checkpoint_dir(str(run))) / "latest").read_text() == step_tag(stopped_at)
+    assert loadable(Path(checkpoint_dir(str(run))) / step_tag(stopped_at))
+    if launcher == "python":
+        assert proc.returncode == 0
+    if launcher == "deepspeed" and how != "Ctrl-C":
+        assert "exits successfully" in out  # launch.py saw the worker exit 0
+
+
+@pytest.mark.e2e
+def test_a_second_ctrl_c_exits_at_once(data_dir, ds, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(LAUNCHERS["python"](), run, data_dir, ds, slow_save="1")  # the first checkpoint hangs
+    for line in proc.stdout:
+        if "FAULT:WRITING" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # stop after this checkpoint ...
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGINT)  # ... no: now
+    out = drain(proc, 60)
+    assert proc.returncode == 128 + signal.SIGINT and "SIGINT again: exiting now" in out, out[-3000:]
+
+
+# --- 4. One run per output_dir; same-size corruption ---------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(data_dir, ds, tmp_path):
+    run = tmp_path / "run"
+    first = launch(LAUNCHERS["python"](), run, data_dir, ds)
+    wait_for_first_step(first, run)
+    second = run_train(run, data_dir, ds, *STEPS, expect_rc=None)
+    out = drain(first)
+    assert second.returncode == 2, second.stderr[-3000:]
+    refusals = [line for line in second.stderr.splitlines() if "in use by another run" in line]
+    assert len(refusals) == 1 and f"pid {first.pid}" in refusals[0] and "Traceback" not in second.stderr
+    assert first.returncode == 0 and "done: 6 steps" in out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one run's rows, once each
+    # The lock died with its owner: a later run takes over without asking.
+    run_train(run, data_dir, ds, "--max_steps", "7")
+
+
+@pytest.mark.e2e
+def test_same_size_corruption_of_the_optimizer_file_falls_back_to_the_previous_checkpoint(data_dir, ds, tmp_path):
+    run = tmp_path / "run"
+    run_train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+    ckpt = Path(checkpoint_dir(str(run)))
+    optim = next((ckpt / step_tag(4)).glob("*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])  # same size, other bytes
+    optim.write_bytes(bytes(data))
+
+    proc = run_train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+    assert f"skipping checkpoint {ckpt / step_tag(4)}" in proc.stderr, proc.stderr[-3000:]
+    assert f"resumed from {ckpt / step_tag(2)}" in proc.stderr
+
+
+# --- 6. Non-finite weights are never committed -----------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_never_holds_non_finite_weights(data_dir, ds, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(run, data_dir, ds, "--max_steps", "10", "--ckpt_every", "2", "--max_nonfinite_steps", "3",
+                     expect_rc=None, nan_weights_at="3")
+    ckpt = Path(checkpoint_dir(str(run)))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    refused = [line for line in proc.stderr.splitlines() if "weights are not finite" in line]
+    assert refused and "checkpoint not written" in refused[0]
+    assert (ckpt / "latest").read_text() == step_tag(2) and not (ckpt / step_tag(4)).exists()
+    from img2vec.checkpoint import load_fp32_state_dict
+
+    assert all(torch.isfinite(v).all() for v in load_fp32_state_dict(str(ckpt / step_tag(2)), {}).values())
+
+
+# --- 7. One line, not a traceback: DeepSpeed JSON, full disk -----------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("content,expected", [
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 7}}', "stage must be one of 0, 1, 2, 3"),
+])
+def test_a_broken_deepspeed_json_is_one_line_and_exit_2(content, expected, data_dir, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(content)
+    proc = run_train(tmp_path / "run", data_dir, bad, expect_rc=2)
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.e2e
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(data_dir, ds, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(run, data_dir, ds, *STEPS, expect_rc=None, enospc_at="2")  # the checkpoint of step 4
+    ckpt = Path(checkpoint_dir(str(run)))
+    lines = [line for line in proc.stderr.splitlines() if "no space left on" in line]
+    assert proc.returncode == 2 and len(lines) == 1 and "MB needed" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert loadable(ckpt / step_tag(2)) and not (ckpt / (step_tag(4) + ".partial")).exists()
+
+
+# --- 8. Resume refuses changed settings; exports are byte-reproducible ------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage,micro,expected", [(2, 4, "micro-batch 8 -> 4"), (1, 8, "ZeRO stage 2 -> 1")])
+def test_resume_with_another_micro_batch_or_zero_stage_is_refused_and_changes_nothing(
+        stage, micro, expected, run_copy, data_dir, tmp_path):
+    before = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()}
+    other = write_ds_config(tmp_path / "other.json", stage, micro)
+    proc = run_train(run_copy, data_dir, other, "--max_steps", "4", expect_rc=2)
+    lines = [line for line in proc.stderr.splitlines() if "was written with other settings" in line]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.e2e
+def test_the_encoder_export_is_byte_reproducible(two_step_run, tmp_path):
+    outputs = []
+    for i in range(4):  # separate processes: safetensors' own writer orders metadata by a seeded hash
+        out = tmp_path / f"out{i}"
+        proc = run_module("img2vec.export", str(two_step_run), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append((out / "encoder.safetensors").read_bytes())
+    assert all(o == outputs[0] for o in outputs)
+    weights = load_file(str(tmp_path / "out0" / "encoder.safetensors"))
+    trained = load_file(str(two_step_run / "encoder.safetensors"))
+    assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in weights)
+
+
+# --- Fast checks of the pieces ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "DeepSpeed config not found"),
+    ("{not json", "is not valid JSON"),
+    ("[1]", "must hold a JSON object"),
+    ('{"train_micro_batch_size_per_gpu": 0}', "train_micro_batch_size_per_gpu must be a whole number >= 1, got 0"),
+    ('{"train_micro_batch_size_per_gpu": "4"}', "train_micro_batch_size_per_gpu must be a whole number >= 1, got '4'"),
+    ('{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 0}', "gradient_accumulation_steps must"),
+    ('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 7}}', "stage must be one of 0, 1, 2, 3"),
+    ('{"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam"}}', "remove 'optimizer'/'scheduler'"),
+])
+def test_every_deepspeed_json_problem_is_one_config_error(content, expected, tmp_path):
+    from img2vec.config import ConfigError
+    from img2vec.ds_config import load_ds_config
+
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(str(path), 1)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_save_safetensors_is_byte_stable_and_loads_back(tmp_path):
+    from img2vec.checkpoint import save_safetensors
+
+    tensors = {"b.weight": torch.randn(3, 5), "a": torch.arange(4, dtype=torch.float32), "c": torch.zeros(0)}
+    save_safetensors(tensors, str(tmp_path / "x.safetensors"), {"library": "timm", "format": "pt"})
+    save_safetensors(dict(reversed(tensors.items())), str(tmp_path / "y.safetensors"), {"format": "pt", "library": "timm"})
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_a_live_one_refuses(tmp_path):
+    from img2vec.run_lock import RunLock, RunLockedError
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from img2vec.run_lock import RunLock; "
+                               f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunLockedError, match=f"in use by another run \\(pid {holder.pid} on "):
+        RunLock(str(tmp_path)).acquire()
+    holder.kill()
+    holder.wait()
+    assert (tmp_path / ".lock").exists()  # SIGKILL left the file, but not the lock
+    lock = RunLock(str(tmp_path)).acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_sigterm_after_sigint_is_the_same_request_and_a_late_second_sigint_exits():
+    code = ("import os, signal, time; from img2vec.signals import GracefulStop; s = GracefulStop(); "
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2); "
+            "print('alive', s.signal_name, flush=True); time.sleep(1.2); os.kill(os.getpid(), signal.SIGINT); "
+            "time.sleep(5); print('not reached')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "alive SIGINT" in proc.stdout and "not reached" not in proc.stdout
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+
+
+def test_a_worker_notices_that_its_launcher_died(tmp_path):
+    child = ("import time; from img2vec.signals import GracefulStop; s = GracefulStop(poll_s=0.1); "
+             "print('ready', flush=True); deadline = time.time() + 30\n"
+             "while not s.requested and time.time() < deadline: time.sleep(0.05)\n"
+             "print('stop:', s.signal_name, flush=True)")
+    launcher = tmp_path / "torchrun"  # a launcher by name, as the watcher recognises them
+    launcher.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}])\n"
+                        "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(launcher)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+    assert proc.stdout.readline().strip() == "stop: the exit of the torchrun launcher"
