@@ -1,23 +1,38 @@
-"""Benchmark of the masked feature loss: reference eager vs torch.compile(reference) vs
-the fused Triton kernel, forward and forward+backward.
+"""Benchmark of the masked feature loss as users call it and as the GPU runs it: reference
+eager vs torch.compile(reference) vs the fused Triton op (forward + backward through autograd),
+and the op's two kernels alone.
 
-    pytest bench/test_bench_masked_feature_loss.py --benchmark-only [--benchmark-json=bench/results/X.json]
+    pytest bench/test_bench_masked_feature_loss.py --benchmark-only [--benchmark-json=X.json]
 
-Every case first asserts parity with the eager reference, then times. extra_info holds:
-bytes (the explicit formula below), achieved GB/s, % of the device's HBM bound (H100
-3.35e12 B/s, H200 4.8e12 B/s; none on CPU), peak extra memory (CUDA), ratios vs eager
-and vs compiled (on the Triton row).
+Every case first asserts parity with the eager reference (loss, and the pred gradient to one
+ulp of pred's dtype), then times. On CUDA: CUDA events around N_CALLS back-to-back calls
+(no sync in between), median over rounds, plus `triton.testing.do_bench` (which flushes L2
+before each call: a cold-cache figure). pytest-benchmark's own stats time one burst of
+N_CALLS calls plus one synchronize (host clock).
 
-Bytes: R = B*M masked rows, P / T = bytes per element of pred / target. The floor any
-implementation needs, used for GB/s so that all rows are comparable:
-    forward             R*C*(P + T)        read the masked pred and target rows
-    forward + backward  R*C*(P + T + P)    ... and write grad_pred (DESIGN.md's roofline)
-The fused kernel itself moves R*C*(P+T) forward and R*C*(2P+T) backward ("kernel_bytes").
+Bytes, R = B*M masked rows, P / T / I bytes per element of pred / target / ids:
+    bound        R*C*(2P + T)      the least any implementation moves: read the masked pred
+                                   and target rows once, write grad_pred once (8 B/element for
+                                   bf16 pred, fp32 target; 6 B for a bf16 target)
+    BMC layout   bound + R*(I + 4)              ids, the per-row loss sums
+    BNC layout   bound + R*(I + 4) + B*N*C*P    ... and the zero fill of the unmasked rows
+    fwd kernel   as the layout, less the zero fill (the launcher's torch.zeros)
+    bwd kernel   0 when grad_out == 1 (every program exits); 2P per grad element otherwise
+pct_of_hbm_bound = (bound / HBM bandwidth) / time: H100 3.35e12 B/s, H200 4.8e12 B/s (the
+bound used is written in each row's extra_info["bound"]). GB/s is bound bytes / time for the
+autograd rows (comparable across implementations) and the kernel's own bytes / time for the
+kernel rows.
 
-On CPU the Triton kernel runs in Triton's numpy interpreter: it is timed at a tiny shape
-and labelled "interpreted, not a speed figure".
+Each finished case is also appended as one JSON line to $IMG2VEC_BENCH_JSONL when set (the
+device check reads it: a killed run keeps the cases before it).
+
+On CPU the Triton kernel runs in Triton's numpy interpreter: it is checked for parity and
+timed at a tiny batch, and labelled "interpreted, not a speed figure".
 """
+import importlib
+import json
 import os
+import statistics
 
 import pytest
 import torch
@@ -27,18 +42,21 @@ if not torch.cuda.is_available():
 
 from kernels import TRITON_AVAILABLE, masked_feature_loss, masked_feature_loss_ref  # noqa: E402
 
+mfl = importlib.import_module("kernels.masked_feature_loss") if TRITON_AVAILABLE else None
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-PRED_DTYPE, TARGET_DTYPE = torch.bfloat16, torch.float32  # bf16 student, fp32 teacher features
+PRED_DTYPE = torch.bfloat16  # bf16 student
 # the trainer's shapes on GPU (B=256, N=196, M=147); a small batch on CPU
 B, N, M = (256, 196, 147) if CUDA else (8, 196, 147)
 CHANNELS = (768, 1024, 2048) if CUDA else (768,)
 B_INTERPRETED = 1  # Triton under the CPU interpreter: a tiny batch, not a speed figure
+N_CALLS, ROUNDS = (20, 5) if CUDA else (1, 3)
 
 _compiled_ref = torch.compile(masked_feature_loss_ref)
-IMPLS = {"eager": masked_feature_loss_ref, "compiled": _compiled_ref, "triton": masked_feature_loss}
-_medians = {}  # (group, impl) -> median seconds, for the ratios on the triton row
+AUTOGRAD_IMPLS = {"eager": masked_feature_loss_ref, "compiled": _compiled_ref, "triton": masked_feature_loss}
+_medians = {}  # (group, impl) -> median seconds per call, for the ratios on the triton row
 
 
 def _device_bound():
@@ -48,91 +66,183 @@ def _device_bound():
     return next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None), name
 
 
-def _inputs(b, c, layout):
-    g = torch.Generator().manual_seed(c)
-    target = torch.randn(b, N, c, generator=g).to(DEVICE, TARGET_DTYPE)  # (B, N, C)
-    ids = torch.stack([torch.randperm(N, generator=g)[:M] for _ in range(b)]).to(DEVICE)  # (B, M)
-    n_pred = N if layout == "BNC" else M
-    pred = torch.randn(b, n_pred, c, generator=g).to(DEVICE, PRED_DTYPE).requires_grad_(True)  # (B, N|M, C)
-    return pred, target, ids
+def _inputs(b, c, layout, target_kind):
+    """pred (B, N|M, C) bf16 leaf, target (B, N, C) fp32 or a bf16 channels_last view, ids (B, M)."""
+    g = torch.Generator(device=DEVICE).manual_seed(c)
+    if target_kind == "f32":
+        target = torch.randn(b, N, c, generator=g, device=DEVICE)  # (B, N, C)
+    else:  # the teacher's map: (B, C, 14, 14) bf16 channels_last, viewed as (B, N, C), no copy
+        fmap = torch.randn(b, 14, 14, c, generator=g, device=DEVICE, dtype=torch.bfloat16).permute(0, 3, 1, 2)
+        target = fmap.flatten(2).transpose(1, 2)  # (B, N, C), stride(-1) == 1
+    ids = torch.argsort(torch.rand(b, N, generator=g, device=DEVICE), dim=1)[:, :M].contiguous()  # (B, M)
+    pred = torch.randn(b, N if layout == "BNC" else M, c, generator=g, device=DEVICE, dtype=PRED_DTYPE)
+    return pred.requires_grad_(True), target, ids
 
 
-def _step(fn, mode, pred, target, ids):
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _fwd_bwd(fn, pred, target, ids):
     def run():
         loss = fn(pred, target, ids)
-        out = (loss,) if mode == "fwd" else (loss, *torch.autograd.grad(loss, pred))
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
+        return loss, torch.autograd.grad(loss, pred)[0]
     return run
 
 
+def _time_calls(call):
+    """Median seconds per call: CUDA events around N_CALLS back-to-back calls (host clock on CPU)."""
+    import time
+
+    per_call = []
+    for _ in range(ROUNDS):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(N_CALLS):
+                call()
+            end.record()
+            end.synchronize()
+            per_call.append(start.elapsed_time(end) / 1e3 / N_CALLS)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(N_CALLS):
+                call()
+            per_call.append((time.perf_counter() - t0) / N_CALLS)
+    return statistics.median(per_call), per_call
+
+
+def _record(benchmark, group, impl, call, info):
+    """Time `call`, fill extra_info, append the JSON line; returns seconds per call."""
+    def burst():
+        for _ in range(N_CALLS):
+            call()
+        _sync()
+
+    benchmark.group = group
+    benchmark.pedantic(burst, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    median, per_call = _time_calls(call)
+    info["time_us"] = median * 1e6
+    info["time_us_rounds"] = [round(t * 1e6, 2) for t in per_call]
+    info["timing"] = (f"CUDA events around {N_CALLS} back-to-back calls, median of {ROUNDS} rounds" if CUDA
+                      else f"host clock, {N_CALLS} call(s) per round, median of {ROUNDS} rounds")
+    if CUDA:
+        import triton.testing
+
+        info["do_bench_us"] = triton.testing.do_bench(call, warmup=10, rep=50) * 1e3  # L2 flushed per call
+    bound_s, dev = _device_bound()
+    info["device"] = dev
+    for key, nbytes in (("GB/s", info.get("timed_bytes")),):
+        if nbytes:
+            info[key] = nbytes / median / 1e9
+    if bound_s and info.get("bound_bytes"):
+        info["pct_of_hbm_bound"] = 100 * (info["bound_bytes"] / bound_s) / median
+        info["bound"] = (f"R*C*(2P+T) = {info['bound_bytes'] / 1e6:.1f} MB at {bound_s:.3g} B/s = "
+                         f"{info['bound_bytes'] / bound_s * 1e6:.1f} us")
+    elif info.get("bound_bytes"):
+        info["bound"] = f"R*C*(2P+T) = {info['bound_bytes'] / 1e6:.1f} MB; no HBM figure for {dev}"
+    _medians[(group, impl)] = median
+    if impl == "triton" and CUDA:  # no ratio against the interpreter
+        for other in ("eager", "compiled"):
+            if (group, other) in _medians:
+                info[f"speedup_vs_{other}"] = _medians[(group, other)] / median
+    benchmark.extra_info.update(info)
+    path = os.environ.get("IMG2VEC_BENCH_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"name": f"{group}-{impl}", **info}) + "\n")
+    return median
+
+
+def _bytes(b, c, layout, pred, target, ids):
+    """(bound, layout) bytes of one forward + backward (see the module docstring)."""
+    R = b * M
+    P, T, I = pred.element_size(), target.element_size(), ids.element_size()
+    bound = R * c * (2 * P + T)
+    return bound, bound + R * (I + 4) + (b * N * c * P if layout == "BNC" else 0)
+
+
 def _cases():
+    """The issue's figures first (a run cut short by its time budget keeps them): the autograd
+    call at every C, then the kernels alone, the (B, N, C) layout and a bf16 target."""
+    def case(impl, c, layout="BMC", target="f32"):
+        return pytest.param(impl, c, layout, target, id=f"fwd_bwd-C{c}-{layout}-{target}-{impl}")
+
     for c in CHANNELS:
-        for layout in ("BMC", "BNC") if (CUDA and c == CHANNELS[0]) else ("BMC",):
-            for mode in ("fwd", "fwd_bwd"):
-                for impl in IMPLS:
-                    yield pytest.param(impl, mode, c, layout, id=f"{mode}-C{c}-{layout}-{impl}")
+        for impl in ("eager", "compiled", "triton"):
+            yield case(impl, c)
+    for c in CHANNELS:
+        for impl in ("fwd_kernel", "bwd_kernel"):
+            yield case(impl, c)
+    if CUDA:
+        for impl in ("eager", "triton", "fwd_kernel"):
+            yield case(impl, CHANNELS[0], "BNC")
+    # the teacher's bf16 channels_last map read in place (6 B/element)
+    yield case("triton", CHANNELS[0], target="bf16cl")
 
 
-@pytest.mark.parametrize("impl, mode, c, layout", list(_cases()))
-def test_bench_masked_feature_loss(benchmark, impl, mode, c, layout):
-    interpreted = impl == "triton" and not CUDA
-    if impl == "triton":
+@pytest.mark.parametrize("impl, c, layout, target_kind", list(_cases()))
+def test_bench_masked_feature_loss(benchmark, impl, c, layout, target_kind):
+    triton_impl = impl in ("triton", "fwd_kernel", "bwd_kernel")
+    interpreted = triton_impl and not CUDA
+    if triton_impl:
         if not TRITON_AVAILABLE:
             pytest.skip("triton is not importable: no Triton column")
         if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("no CUDA and TRITON_INTERPRET is not 1: the Triton kernel cannot run here")
     b = B_INTERPRETED if interpreted else B
-    pred, target, ids = _inputs(b, c, layout)
-    run = _step(IMPLS[impl], mode, pred, target, ids)
+    pred, target, ids = _inputs(b, c, layout, target_kind)
+    numel = b * M * c
+    bound, layout_bytes = _bytes(b, c, layout, pred, target, ids)
+    info = {"shape": f"B={b} N={N} M={M} C={c} pred {layout} {PRED_DTYPE} target {target_kind} "
+                     f"({tuple(target.stride())} strides)",
+            "bound_bytes": bound, "layout_bytes": layout_bytes,
+            "bytes_per_element": bound / numel}
+    if interpreted:
+        info["note"] = "interpreted, not a speed figure (TRITON_INTERPRET=1 on CPU, tiny batch)"
 
     # parity first (this also compiles / autotunes outside the timing)
-    want = _step(masked_feature_loss_ref, mode, pred, target, ids)()
-    got = run()
-    numel = b * M * c
+    want = _fwd_bwd(masked_feature_loss_ref, pred, target, ids)()
+    got = _fwd_bwd(masked_feature_loss, pred, target, ids)() if triton_impl else \
+        _fwd_bwd(AUTOGRAD_IMPLS[impl], pred, target, ids)()
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-6)
-    if mode == "fwd_bwd":  # grads scaled to O(1): one bf16 ulp
-        torch.testing.assert_close(got[1].float() * numel, want[1].float() * numel, rtol=0, atol=2.0 ** -7)
+    torch.testing.assert_close(got[1].float() * numel, want[1].float() * numel, rtol=0, atol=2.0 ** -7)
+    _sync()
 
-    peak_extra = None
-    if CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        peak_extra = torch.cuda.max_memory_allocated() - base
-
-    group = f"{mode}-C{c}-{layout}"
-    benchmark.group = group
-    benchmark.pedantic(run, rounds=5 if interpreted else 20, warmup_rounds=1, iterations=1)
-    if benchmark.stats is None:  # --benchmark-disable: the parity check above is the test
+    group = f"fwd_bwd-C{c}-{layout}-{target_kind}"
+    if impl in AUTOGRAD_IMPLS:  # the op as users call it: forward + backward through autograd
+        call = _fwd_bwd(AUTOGRAD_IMPLS[impl], pred, target, ids)
+        info.update(what="autograd forward + backward", timed_bytes=bound,
+                    bytes_formula="R*C*(2P+T)")
+        if impl == "triton":
+            info["op_bytes"] = layout_bytes
+        peak_extra = None
+        if CUDA:
+            _sync()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            call()
+            peak_extra = torch.cuda.max_memory_allocated() - base
+            info["peak_extra_MB"] = peak_extra / 2 ** 20
+        _record(benchmark, group, impl, call, info)
         return
-    median = benchmark.stats.stats.median
-    _medians[(group, impl)] = median
 
-    P, T = pred.element_size(), target.element_size()
-    rows_x_c = numel
-    floor_bytes = rows_x_c * (P + T) if mode == "fwd" else rows_x_c * (2 * P + T)
-    bound, device = _device_bound()
-    info = {
-        "device": device,
-        "shape": f"B={b} N={N} M={M} C={c} pred {layout} {PRED_DTYPE} target {TARGET_DTYPE}",
-        "bytes": floor_bytes,
-        "bytes_formula": "R*C*(P+T)" if mode == "fwd" else "R*C*(2P+T)",
-        "GB/s": floor_bytes / median / 1e9,
-    }
-    if bound:
-        info["pct_of_hbm_bound"] = 100 * floor_bytes / median / bound
-        info["bound_us"] = floor_bytes / bound * 1e6
-    if peak_extra is not None:
-        info["peak_extra_MB"] = peak_extra / 2 ** 20
-    if impl == "triton":
-        info["kernel_bytes"] = rows_x_c * (P + T) if mode == "fwd" else rows_x_c * (3 * P + 2 * T)
-        if interpreted:
-            info["note"] = "interpreted, not a speed figure (TRITON_INTERPRET=1 on CPU, tiny batch)"
-        else:
-            for other in ("eager", "compiled"):
-                if (group, other) in _medians:
-                    info[f"speedup_vs_{other}"] = _medians[(group, other)] / median
-    benchmark.extra_info.update(info)
+    gather = layout == "BNC"
+    if impl == "fwd_kernel":  # the forward kernel alone: buffers allocated once, outside the timing
+        grid, args, cx, _, _ = mfl.fwd_launch_args(pred.detach(), target, ids, 2.0, 1e-6, "smooth_l1", True, gather)
+        call = lambda: mfl._fwd[grid](*args, **cx)  # noqa: E731
+        info.update(what="forward kernel alone (loss + stored gradient)", timed_bytes=layout_bytes -
+                    (b * N * c * pred.element_size() if gather else 0), bytes_formula="R*C*(2P+T) + R*(I+4)")
+        _record(benchmark, group, impl, call, info)
+        return
+    # the backward kernel alone, grad_out != 1 (the rescale pass); grad_out == 1 is an early exit
+    grad = torch.empty(pred.shape, dtype=pred.dtype, device=DEVICE)
+    half, one = torch.full((), 0.5, device=DEVICE), torch.ones((), device=DEVICE)
+    call = lambda: mfl._scale_launch(grad, half)  # noqa: E731
+    info.update(what="backward kernel alone, grad_out = 0.5 (rescale in place)",
+                timed_bytes=2 * grad.numel() * grad.element_size(), bytes_formula="2P per grad element",
+                bound_bytes=None)
+    if CUDA:
+        info["grad_out_1_us"] = _time_calls(lambda: mfl._scale_launch(grad, one))[0] * 1e6
+    _record(benchmark, group, impl, call, info)
