@@ -30,9 +30,9 @@ stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
 
 # name -> seconds; 400 in all (checked below)
 declare -A BUDGET=(
-  [wheels]=20 [versions]=15 [cuda_tests]=55 [bench_loss]=80
-  [train_vit_base]=65 [train_vit_large]=35 [train_vit_huge]=35
-  [bench_attention]=30 [bench_data]=25 [max_micro_batch]=40
+  [wheels]=20 [versions]=15 [cuda_tests]=50 [bench_loss]=80
+  [train_vit_base]=90 [train_vit_large]=30 [train_vit_huge]=30
+  [bench_attention]=25 [bench_data]=25 [max_micro_batch]=35
 )
 SUM=0; for k in "${!BUDGET[@]}"; do SUM=$(( SUM + BUDGET[$k] )); done
 if [ $(( SUM + RESERVE_S )) -gt $TOTAL_S ]; then
@@ -121,7 +121,8 @@ if [ $DRY = 1 ]; then  # CPU: no torch.compile of the reference (a cold CPU comp
 else
   bench bench_loss bench/test_bench_masked_feature_loss.py
 fi
-# train step, one model per call so that a slow model keeps the ones before it
+# train step, one model per call so that a slow model keeps the ones before it; ViT-B gets the
+# largest budget: its optimized configuration includes torch.compile of student and teacher
 export IMG2VEC_BENCH_COMPILE="${IMG2VEC_BENCH_COMPILE:-vit_base}"
 if [ $DRY = 1 ]; then
   bench train_vit_base bench/test_bench_train_step.py -k vit_tiny   # the CPU's one model
@@ -137,7 +138,7 @@ bench bench_data bench/test_bench_data.py
 if [ $DRY = 1 ]; then
   step max_micro_batch python3 bench/max_micro_batch.py --dry-run --json "$WORK/max_micro_batch.json"
 else
-  step max_micro_batch python3 bench/max_micro_batch.py --model vit_huge --budget-s 30 --probe-timeout-s 25 \
+  step max_micro_batch python3 bench/max_micro_batch.py --model vit_huge --budget-s 25 --probe-timeout-s 20 \
     --json "$WORK/max_micro_batch.json"
 fi
 

@@ -113,7 +113,7 @@ def cuda_tests(work, errors):
         return None
     out = {k: len(re.findall(rf" {k.upper()}\b", text)) for k in ("passed", "failed", "skipped", "error")}
     out["failed_tests"] = sorted(set(re.findall(r"^FAILED (\S+)", text, re.M)))[:20]
-    tail = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+    tail = [line for line in text.splitlines() if re.search(r"\d+ (passed|failed|skipped|deselected)", line)]
     out["pytest_summary"] = tail[-1].strip("= ") if tail else None
     return out
 

@@ -54,7 +54,15 @@ CHANNELS = (768, 1024, 2048) if CUDA else (768,)
 B_INTERPRETED = 1  # Triton under the CPU interpreter: a tiny batch, not a speed figure
 N_CALLS, ROUNDS = (20, 5) if CUDA else (1, 3)
 
-_compiled_ref = torch.compile(masked_feature_loss_ref)
+_compiled = []  # torch.compile(reference), made on first use (importing dynamo takes seconds)
+
+
+def _compiled_ref(*args, **kwargs):
+    if not _compiled:
+        _compiled.append(torch.compile(masked_feature_loss_ref))
+    return _compiled[0](*args, **kwargs)
+
+
 AUTOGRAD_IMPLS = {"eager": masked_feature_loss_ref, "compiled": _compiled_ref, "triton": masked_feature_loss}
 _medians = {}  # (group, impl) -> median seconds per call, for the ratios on the triton row
 
