@@ -20,6 +20,7 @@ The labeled sets (`verdict_splits`):
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -89,11 +90,25 @@ def learning_verdict(encoder: torch.nn.Module, init_encoder: torch.nn.Module, im
     Encoders map images (B, 3, image_size, image_size) -> tokens (B, 1 + N, D); pool "avg"
     (mean patch token) or "cls". Every rank may call it; the numbers are the same on each.
     """
-    from img2vec.eval.knn import KnnMonitor
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from img2vec.eval.common import eval_transform, extract_features, image_folder
+    from img2vec.eval.knn import knn_accuracy
 
     train_dir, val_dir = verdict_splits(data, cache_dir)
-    monitor = KnnMonitor(train_dir, val_dir, image_size, pool=pool)
-    scores = [monitor(e.to(device), device, dtype)["knn_top1"] for e in (encoder, init_encoder)]
+    transform = eval_transform(image_size)
+    splits = [image_folder(d, transform) for d in (train_dir, val_dir)]
+    if splits[0].classes != splits[1].classes:
+        raise ValueError(f"train and val class folders differ: {splits[0].classes} vs {splits[1].classes}")
+    # decode once, for both encoders: (n, 3, S, S) images and (n,) labels per split
+    tensors = [TensorDataset(*(torch.stack(t) if i == 0 else torch.tensor(t) for i, t in enumerate(zip(*split))))
+               for split in splits]
+    scores = []
+    for encoder in (encoder, init_encoder):
+        encoder = encoder.to(device)
+        (tx, ty), (vx, vy) = (extract_features(encoder, DataLoader(t, batch_size=256), pool, torch.device(device), dtype)
+                              for t in tensors)
+        scores.append(knn_accuracy(tx, ty, vx, vy, len(splits[0].classes))["top1"])
     return Verdict(scores[0], scores[1], data)
 
 
@@ -105,3 +120,13 @@ def run_verdict(run_dir: str, seed: int, data: str = "photos", pool: str = "avg"
     trained = load_encoder(run_dir)
     init = load_encoder(run_dir, init="random", seed=seed)
     return learning_verdict(trained, init, trained.image_size, data, pool, device, cache_dir=cache_dir)
+
+
+def write_verdict(run_dir: str, step: int, seed: int, data: str = "photos", pool: str = "avg",
+                  device: torch.device | str = "cpu", cache_dir=None) -> Verdict:
+    """The end-of-run verdict of train.py (rank 0, after the export): computed from the exported
+    encoder, its two numbers appended to run_dir/metrics.jsonl as one row at `step`."""
+    verdict = run_verdict(run_dir, seed, data, pool, device, cache_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **verdict.metrics()}) + "\n")
+    return verdict
