@@ -4,16 +4,14 @@
 
 Cases, on the bundled sample JPEGs (256 real photographs, 160-256 px short side, ~19 kB):
   torch          torchvision loader, `workers` DataLoader processes decoding with PIL
-  dali-sampler   DALI, our sampler feeds bytes + crop boxes (the default DALI source)
-  dali-reader    DALI, fn.readers.file + DALI's own random crop
+  dali           DALI, our sampler feeds bytes + crop boxes, DALI decodes the window
 on the CPU with equal worker counts (DALI: CPU threads = workers = all cores), and on a GPU
 additionally DALI's mixed decoder and torchvision.io.decode_jpeg(device="cuda").
 Before timing, the DALI output is checked against the torch backend's for the same files
 (central view, mean |diff| < 0.5/255). Each round times the steady state: the iterator is
 started and its first batch taken outside the timer (worker / pipeline start-up is a
 once-per-epoch cost, reported separately as startup_s). extra_info: img_per_s (median
-round), ratio_vs_torch on the DALI rows, and for the pre-scan of the reader source,
-files_per_s of `verify.scan`.
+round), ratio_vs_torch on the DALI rows, and for `verify`'s header check, files_per_s.
 """
 import os
 import time
@@ -36,18 +34,18 @@ def data_dir():
     return sample_dataset_dir()  # 256 images: 8 batches of 32 per epoch
 
 
-def _loader(data_dir, backend, source="sampler", device="cpu", **kwargs):
+def _loader(data_dir, backend, device="cpu", **kwargs):
     spec = LoaderSpec(data_path=str(data_dir), image_size=SIZE, micro_batch=MICRO, num_workers=WORKERS,
-                      backend=backend, dali_source=source, dali_device=device, **kwargs)
+                      backend=backend, dali_device=device, **kwargs)
     return build_loader(spec)
 
 
-def _check_parity(data_dir, backend, source, device):
+def _check_parity(data_dir, backend, device):
     """The case's output for the first batch (central view) against the torch backend's: same files, close pixels."""
     if backend == "torch":
         return
     ref = next(iter(_loader(data_dir, "torch", augment=False, shuffle=False)))
-    out = next(iter(_loader(data_dir, backend, source, device, augment=False, shuffle=False)))
+    out = next(iter(_loader(data_dir, backend, device, augment=False, shuffle=False)))
     by_index = {i: image for i, image in zip(ref["index"].tolist(), ref["images"])}
     pairs = [(image.float().cpu(), by_index[i]) for i, image in zip(out["index"].tolist(), out["images"]) if i in by_index]
     assert pairs, "no common files in the first batch"
@@ -55,9 +53,9 @@ def _check_parity(data_dir, backend, source, device):
     assert diff < (3.0 if device == "gpu" else 0.5), diff
 
 
-def _run(benchmark, data_dir, case, backend, source="sampler", device="cpu"):
-    _check_parity(data_dir, backend, source, device)
-    loader = _loader(data_dir, backend, source, device)
+def _run(benchmark, data_dir, case, backend, device="cpu"):
+    _check_parity(data_dir, backend, device)
+    loader = _loader(data_dir, backend, device)
     state = {"epoch": 0, "startup": []}
 
     def setup():
@@ -80,7 +78,7 @@ def _run(benchmark, data_dir, case, backend, source="sampler", device="cpu"):
     assert images == MICRO * (loader.steps_per_epoch - 1)
     _img_per_s[case] = images / benchmark.stats.stats.median
     benchmark.extra_info.update(
-        backend=loader.backend, source=source if backend == "dali" else "-", workers=WORKERS, image_size=SIZE,
+        backend=loader.backend, workers=WORKERS, image_size=SIZE,
         micro_batch=MICRO, img_per_s=round(_img_per_s[case], 1),
         startup_s=round(sorted(state["startup"])[len(state["startup"]) // 2], 3),
         device=torch.cuda.get_device_name() if CUDA else f"cpu ({WORKERS} cores)",
@@ -89,34 +87,29 @@ def _run(benchmark, data_dir, case, backend, source="sampler", device="cpu"):
         benchmark.extra_info["ratio_vs_torch"] = round(_img_per_s[case] / _img_per_s["torch"], 2)
 
 
-@pytest.mark.parametrize("case, backend, source", [
-    ("torch", "torch", "sampler"),
-    ("dali-cpu-sampler", "dali", "sampler"),
-    ("dali-cpu-reader", "dali", "reader"),
-])
-def test_cpu_backends(benchmark, data_dir, case, backend, source):
+@pytest.mark.parametrize("case, backend", [("torch", "torch"), ("dali-cpu", "dali")])
+def test_cpu_backends(benchmark, data_dir, case, backend):
     benchmark.group = f"data: decode + crop {SIZE} + flip + normalize, {WORKERS} workers"
-    _run(benchmark, data_dir, case, backend, source, "cpu")
+    _run(benchmark, data_dir, case, backend, "cpu")
 
 
-def test_prescan(benchmark, data_dir):
-    """verify.scan's header + end-marker check over the sample set (what dali_source=reader runs at start-up)."""
+def test_verify_scan(benchmark, data_dir):
+    """verify.scan's header + end-marker check over the sample set (`python -m dataloading.verify` without --full)."""
     from dataloading import open_source
     from dataloading.verify import scan
 
     source = open_source(data_dir)
-    benchmark.group = "data: pre-scan"
-    bad = benchmark.pedantic(scan, args=(source,), kwargs=dict(use_cache=False), rounds=3, iterations=1)
+    benchmark.group = "data: verify scan"
+    bad = benchmark.pedantic(scan, args=(source,), rounds=3, iterations=1)
     assert bad == {}
     benchmark.extra_info.update(files=len(source), files_per_s=round(len(source) / benchmark.stats.stats.median))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case, source", [("dali-gpu-sampler", "sampler"), ("dali-gpu-reader", "reader")])
-def test_gpu_dali(benchmark, data_dir, case, source):
+def test_gpu_dali(benchmark, data_dir):
     benchmark.group = "data on GPU: decode + crop + normalize"
-    _run(benchmark, data_dir, case, "dali", source, "gpu")
+    _run(benchmark, data_dir, "dali-gpu", "dali", "gpu")
 
 
 @pytest.mark.cuda

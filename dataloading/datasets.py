@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
-from .sources import BadImage, Source, check_image, decode_rgb, open_source
+from .sources import DEFAULT_MAX_IMAGE_PIXELS, BadImage, DataError, Source, check_image, decode_rgb, escape_name, open_source
 
 log = logging.getLogger("img2vec.data")
 
@@ -114,7 +114,7 @@ class SkipLog:
         for name, reason in skips:
             if name not in self._reasons:
                 self._reasons[name] = reason
-                log.warning("skipping unreadable image %s: %s", name, reason)
+                log.warning("skipping unreadable image %s: %s", escape_name(name), reason)
 
     def items(self) -> list[Skip]:
         return list(self._reasons.items())
@@ -128,7 +128,8 @@ class ImageDataset(Dataset):
     `labels[i]` is the class of image i (-1 when unknown). A file that cannot be used
     (check_image or the decode fails) is replaced by the next usable one; `num_skipped`
     counts these (per process: each loader worker keeps its own count) and the loader
-    collects their names (`load`) and logs each once.
+    collects their names (`load`) and logs each once. Images above `max_image_pixels`
+    (height * width, 0 = no cap) are skipped before they are decoded.
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class ImageDataset(Dataset):
         scale: tuple[float, float] = SCALE,
         ratio: tuple[float, float] = RATIO,
         augment: bool = True,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -149,6 +151,7 @@ class ImageDataset(Dataset):
         self.scale = scale
         self.ratio = ratio
         self.augment = augment
+        self.max_image_pixels = max_image_pixels
         self.epoch = 0
         self.num_skipped = 0
         self._bad: dict[int, str] = {}  # files found unusable in this process
@@ -171,7 +174,7 @@ class ImageDataset(Dataset):
             raise BadImage(self._bad[index])
         try:
             data = self.source.read(index)
-            check_image(data)  # the same cheap test the DALI backend runs, so both skip the same files
+            check_image(data, self.max_image_pixels)  # the same cheap test the DALI backend runs, so both skip the same files
             return decode_rgb(data)
         except (BadImage, OSError) as err:
             self._bad[index] = str(err)
@@ -190,7 +193,8 @@ class ImageDataset(Dataset):
                 log.debug("skipping %s: %s", self.source.names[source], err)
                 skipped.append((self.source.names[source], str(err)))
         else:
-            raise RuntimeError(f"none of the {len(self)} images could be decoded; run python -m dataloading.verify")
+            raise DataError(f"none of the {len(self)} images could be decoded; "
+                            "run python -m dataloading.verify --full on the data")
         # Seeded by the requested index, so a substitute gets the crop the missing sample would have.
         top, left, h, w, flip = augment_params(image.height, image.width, self.seed, self.epoch, index,
                                                self.augment, self.scale, self.ratio)

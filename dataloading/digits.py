@@ -15,7 +15,9 @@ proportion of the whole.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,26 @@ def digits_dataset_dir(cache_dir: str | os.PathLike | None = None, image_size: i
     return build_once(final, lambda tmp: _build(tmp, image_size, val_fraction, seed), "digits set")
 
 
-if __name__ == "__main__":  # python -m dataloading.digits [CACHE_DIR]: print the root
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """python -m dataloading.digits: build the digits tree (once) and print its root."""
+    parser = argparse.ArgumentParser(prog="python -m dataloading.digits", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     description="Write scikit-learn's digits as an ImageFolder train/val tree "
+                                                 "(once) and print its root.")
+    parser.add_argument("--output_dir", "--output-dir", default=None,
+                        help="cache folder to build under; unset: $IMG2VEC_CACHE, else ~/.cache/img2vec")
+    parser.add_argument("--image_size", "--image-size", type=int, default=32, help="side of each PNG, >= 8")
+    parser.add_argument("--val_fraction", "--val-fraction", type=float, default=0.25, help="share of each class in val/")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    args = parser.parse_args(argv)
+    try:
+        root = digits_dataset_dir(args.output_dir, args.image_size, args.val_fraction, args.seed)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(root)
+    return 0
 
-    print(digits_dataset_dir(sys.argv[1] if len(sys.argv) > 1 else None))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,18 +8,26 @@ logs), `labels[i]` (-1 when unknown) and `read(i)` (the encoded bytes).
 
 `check_image(data)` is the cheap test every backend runs before decoding: it parses the
 header (format and size) and looks for the end marker of JPEG and PNG files, so zero-byte,
-random-bytes and truncated files are skipped the same way whichever decoder runs. It reads
-the header only: a file whose entropy-coded data is damaged in the middle passes it and is
-caught by the decoder (see datasets.py and dali.py).
+random-bytes, truncated and oversized files are skipped the same way whichever decoder runs.
+It reads the header only: a file whose entropy-coded data is damaged in the middle passes it
+and is caught by the decoder (see datasets.py and dali.py) or by `verify --full`.
+
+Folder trees are walked following directory links, each real directory once, so a link
+loop cannot multiply the data set. A WebDataset shard cut short (a copy that stopped, a full
+disk) keeps the samples stored whole before the damage; `Source.lost` says what was lost.
 
 Tar shards need an index (byte offset and size of every member) for random access. It is
 written in DALI's own format ('v1.2', as `wds2idx` writes), so `fn.readers.webdataset` reads
 the same file: `tar_index(shard)` builds it next to the shard (or under the cache directory
 when the shard's folder is read-only) if it is missing or older than the shard.
 `python -m dataloading.sources SHARD...` builds indexes ahead of time.
+
+Errors that mean the data set cannot be used at all (missing, empty, a single image, a
+binary file given as a list) raise `DataError`, one line saying what to pass instead.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import hashlib
 import io
@@ -27,6 +35,7 @@ import logging
 import os
 import sys
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,30 +48,59 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # PIL format names of what DALI's decoders read (PPM covers PNM/PGM/PBM).
 DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
 INDEX_VERSION = "v1.2"  # DALI's webdataset index format (tools/wds2idx.py)
+# Images with more pixels (from the header) are skipped before decoding. 64 MP holds every
+# camera photo up to 61 MP full-frame sensors and costs ~190 MB decoded as uint8 RGB (the
+# torch backend's PIL decode, plus about as much again for the conversion); a 12000 x 12000
+# PNG would cost 430 MB decoded and ~1.8 GB in the pipeline for one 224-px crop. It also stays
+# below PIL's decompression-bomb warning (89 MP). PIL refuses anything above 179 MP whatever
+# the setting.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+_TAR_END = 1024  # a complete tar ends with two 512-byte zero blocks (end-of-archive marker)
+
+
+class DataError(ValueError):
+    """The data set (or a loader setting) cannot start a run; str(err) is one line saying what to do."""
+
+
+class DataNotFound(DataError, FileNotFoundError):
+    """The data path does not exist or matches nothing."""
 
 
 class BadImage(ValueError):
     """An image that no backend will use; str(err) is the reason shown in logs and by verify."""
 
 
+def escape_name(name: str) -> str:
+    """`name` with backslashes and unprintable characters (newline, tab, ESC, ...) escaped, for one-line output."""
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in name)
+
+
 # ---- checking encoded bytes ----
 
-def check_image(data: bytes) -> tuple[str, int, int]:
+def check_image(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, int, int]:
     """Return (format, height, width) of an image that looks complete; raise BadImage otherwise.
 
     Costs a header parse plus a backward search for the end marker (~20-50 us), not a decode.
+    max_image_pixels: images with more pixels (height * width) are refused; 0 = no cap of ours.
     """
     if not data:
         raise BadImage("zero-byte file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt, (width, height) = image.format, image.size
+        with warnings.catch_warnings():  # our cap below says it in one line, without PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                fmt, (width, height) = image.format, image.size
     except UnidentifiedImageError:
         raise BadImage("not an image (no format PIL recognises)") from None
+    except Image.DecompressionBombError as err:
+        raise BadImage(f"too large to decode ({err})") from None
     except Exception as err:  # PIL raises UnidentifiedImageError, SyntaxError, struct.error, ...
         raise BadImage(f"not a readable image ({type(err).__name__}: {err})") from None
     if width < 1 or height < 1:
         raise BadImage(f"{fmt} header says {width}x{height} pixels")
+    if max_image_pixels and width * height > max_image_pixels:
+        raise BadImage(f"{width}x{height} = {width * height / 1e6:.0f} MP, above max_image_pixels "
+                       f"{max_image_pixels} ({max_image_pixels / 1e6:g} MP); raise it to use this image")
     if fmt == "JPEG" and not data[-64:].rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):  # fast path: ends in EOI
         # Entropy-coded data cannot hold the bytes FF D9 (a data FF is always followed by 00),
         # so a complete file has an end-of-image marker after its last start-of-scan marker.
@@ -73,12 +111,20 @@ def check_image(data: bytes) -> tuple[str, int, int]:
     return fmt, height, width
 
 
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit gray (PNG, TIFF) as PIL opens it
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decode `data` with PIL and convert any mode (L, CMYK, RGBA, P, I;16, ...) to RGB."""
+    """Fully decode `data` with PIL and convert any mode (L, CMYK, RGBA, P, I;16, ...) to 8-bit RGB."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+            if image.mode in _WIDE_GRAY:
+                # convert() clips 16-bit values at 255 (a white image); scale 0..65535 to 0..255 as DALI does.
+                # Mode "I" holds 16-bit gray for PNG/TIFF; values outside 0..65535 are clipped.
+                wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)  # (H, W)
+                image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
             return image.convert("RGB")  # convert() forces the full decode inside the try
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on bad files
         raise BadImage(f"decode failed ({type(err).__name__}: {err})") from None
@@ -92,9 +138,10 @@ class Source:
 
     names: list[str]
     labels: list[int]
-    kind: str  # "folder" | "list" | "webdataset"
+    kind: str  # "folder" | "list" | "webdataset" | "file"
     notes: list[str] = field(default_factory=list)  # what was left out while listing, for the log
     origin: str = ""  # the data path it was opened from (keys the scan cache)
+    lost: list[str] = field(default_factory=list)  # data that is damaged and could not be listed (a cut-off shard)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -137,16 +184,36 @@ def _is_image(name: str) -> bool:
 
 
 def _scan_folder(root: Path) -> Source:
-    """List images under root/<class>/ (any depth below the class folder), sorted; label = class order."""
+    """List images under root/<class>/ (any depth below the class folder), sorted; label = class order.
+
+    Directory links are followed, each real directory once (the first path that reaches it in
+    sorted order), so a link loop or two links to one folder cannot list files twice.
+    """
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     names: list[str] = []
     labels: list[int] = []
     ignored: list[str] = []
     empty: list[str] = []
+    seen: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every directory listed
+    repeated: list[str] = []
+
+    def first_visit(path: str) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:  # a dangling link: nothing to list
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            repeated.append(path)
+            return False
+        seen.add(key)
+        return True
+
     for label, name in enumerate(classes):
         before = len(names)
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames.sort()  # os.walk order is file-system dependent; sorting makes indices stable
+        walk = os.walk(root / name, followlinks=True) if first_visit(str(root / name)) else ()
+        for dirpath, dirnames, filenames in walk:
+            dirnames[:] = [d for d in sorted(dirnames) if first_visit(os.path.join(dirpath, d))]  # sorted: stable indices
             for filename in sorted(filenames):
                 if _is_image(filename):
                     names.append(os.path.join(dirpath, filename))
@@ -160,6 +227,9 @@ def _scan_folder(root: Path) -> Source:
         notes.append(f"ignored {len(ignored)} file(s) without an image extension, e.g. {ignored[0]}")
     if empty:
         notes.append(f"{len(empty)} class folder(s) hold no images: {', '.join(empty[:5])}")
+    if repeated:
+        notes.append(f"listed each directory once: {len(repeated)} link(s) to a directory already listed were not "
+                     f"followed, e.g. {escape_name(repeated[0])}")
     return Source(names, labels, "folder", notes)
 
 
@@ -167,12 +237,17 @@ def _read_list(list_file: Path) -> Source:
     """Read 'path [label]' lines; relative paths are resolved against the list file's folder."""
     names: list[str] = []
     labels: list[int] = []
-    for line_no, line in enumerate(list_file.read_text().splitlines(), start=1):
+    try:
+        text = list_file.read_text()
+    except UnicodeDecodeError:
+        raise DataError(f"data path {list_file} is not a text file list; pass an ImageFolder directory, "
+                        "a file list ('path [label]' per line) or .tar shards") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("-").isdigit()):
-            raise ValueError(
+            raise DataError(
                 f"{list_file}:{line_no}: expected 'path [integer label]', got {line!r}; "
                 "paths containing spaces are not supported"
             )
@@ -198,31 +273,78 @@ def _cache_path(kind: str, key: Path, suffix: str) -> Path:
     return _cache_root() / kind / f"{key.stem}-{digest}{suffix}"
 
 
+def _tar_members(shard: Path) -> tuple[list[tarfile.TarInfo], str]:
+    """The regular members of `shard` stored whole, and what was lost when the shard is cut short ("" if intact).
+
+    Reads tar headers only (tarfile seeks over data). A shard is cut short when a header is
+    cut off, a member's data runs past the end of the file, or the end-of-archive marker is
+    missing; the members stored whole before the damage are kept.
+    """
+    file_size = shard.stat().st_size
+    members: list[tarfile.TarInfo] = []
+    damage = ""
+    try:
+        with tarfile.open(shard, "r:") as tar:  # "r:": uncompressed only, as random access needs
+            try:
+                for member in tar:
+                    members.append(member)
+            except tarfile.ReadError as err:  # a header or member cut off mid-way
+                damage = str(err)
+            end = tar.offset  # just past the last member tarfile read
+    except tarfile.ReadError as err:  # not even a first header
+        return [], f"{shard} is not a readable tar ({err}): all of it is lost; copy the shard again"
+    whole = [m for m in members if m.offset_data + m.size <= file_size]
+    cut = [m for m in members if m.isreg() and m.offset_data + m.size > file_size]
+    if not damage and not cut:
+        with open(shard, "rb") as f:
+            f.seek(end)
+            marker = f.read(_TAR_END)
+        if len(marker) < _TAR_END or marker.strip(b"\0"):
+            damage = "no end-of-archive marker"
+    if not damage and not cut:
+        return whole, ""
+    cut_keys = {_split_member(m.name)[0] for m in cut} - {_split_member(m.name)[0] for m in whole if m.isreg()}
+    return whole, (f"{shard} is cut short at byte {file_size} ({damage or 'a member runs past the end'}): "
+                   f"kept the {len(whole)} member(s) stored whole, lost {len(cut_keys)} sample(s) cut off mid-member "
+                   "and whatever followed them; copy the shard again")
+
+
 def build_tar_index(shard: Path, index_path: Path) -> int:
     """Write DALI's v1.2 index of `shard` to `index_path`; return the number of samples.
 
     One line per sample (consecutive regular members sharing a key), each component as
-    'ext data_offset size member_name'. Reads tar headers only (tarfile seeks over data).
+    'ext data_offset size member_name'. A shard cut short is indexed up to the damage.
+    Member names holding whitespace cannot be written in this format and are left out.
     """
     samples: list[list[str]] = []
     last_key = None
-    with tarfile.open(shard, "r:") as tar:  # "r:": uncompressed only, as random access needs
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, ext = _split_member(member.name)
-            if not key or key.endswith("/"):  # hidden files ('.name') are not samples
-                continue
-            component = f"{ext} {member.offset_data} {member.size} {member.name}"
-            if key == last_key:
-                samples[-1].append(component)
-            else:
-                samples.append([component])
-                last_key = key
+    for member in _tar_members(shard)[0]:
+        if not member.isreg() or any(c.isspace() for c in member.name):
+            continue
+        key, ext = _split_member(member.name)
+        if not key or key.endswith("/"):  # hidden files ('.name') are not samples
+            continue
+        component = f"{ext} {member.offset_data} {member.size} {member.name}"
+        if key == last_key:
+            samples[-1].append(component)
+        else:
+            samples.append([component])
+            last_key = key
     tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
     tmp.write_text(f"{INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples))
     os.replace(tmp, index_path)  # atomic: a concurrent reader sees the old index or the whole new one
     return len(samples)
+
+
+def shard_damage(shard: Path) -> str:
+    """"" when `shard` ends with a tar end-of-archive marker (read: 1 KB), else what was lost (reads the headers)."""
+    size = shard.stat().st_size
+    with open(shard, "rb") as f:
+        f.seek(max(0, size - _TAR_END))
+        tail = f.read(_TAR_END)
+    if size >= 2 * _TAR_END and not tail.strip(b"\0"):
+        return ""
+    return _tar_members(shard)[1]
 
 
 def _index_version(index_path: Path) -> str:
@@ -265,7 +387,11 @@ def _open_shards(shards: list[Path]) -> TarSource:
     names, shard_of, offsets, sizes, lines = [], [], [], [], []
     index_paths = []
     no_image = 0
+    lost = []
     for s, shard in enumerate(shards):
+        damage = shard_damage(shard)
+        if damage:
+            lost.append(damage)
         index_path = tar_index(shard)
         index_paths.append(index_path)
         for line, components in enumerate(_parse_index(index_path)):
@@ -281,46 +407,28 @@ def _open_shards(shards: list[Path]) -> TarSource:
             lines.append(line)
     notes = [f"ignored {no_image} tar sample(s) with no image component"] if no_image else []
     return TarSource(
-        names, [-1] * len(names), "webdataset", notes, shards=list(shards), index_paths=index_paths,
+        names, [-1] * len(names), "webdataset", notes, lost=lost, shards=list(shards), index_paths=index_paths,
         shard_of=np.asarray(shard_of, np.int32), offsets=np.asarray(offsets, np.int64),
         sizes=np.asarray(sizes, np.int64), lines=lines,
     )
 
 
-def write_filtered_index(source: TarSource, shard: int, keep: np.ndarray) -> Path:
-    """A copy of shard `shard`'s index holding only the samples in `keep`, for fn.readers.webdataset.
-
-    Named by a hash of its content under the cache dir, written atomically, so ranks that
-    filter alike share one file and never read a half-written one.
-    """
-    lines = source.index_paths[shard].read_text().splitlines()[1:]
-    kept = [lines[source.lines[i]] for i in keep.tolist()]  # keep: sample indices of this shard
-    text = f"{INDEX_VERSION} {len(kept)}\n" + "".join(line + "\n" for line in kept)
-    path = _cache_path("wds_index_filtered", source.shards[shard], f"-{hashlib.sha1(text.encode()).hexdigest()[:12]}.idx")
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return path
-
-
 # ---- entry point ----
 
 def open_source(path: str | os.PathLike) -> Source:
-    """Open a data set; raise FileNotFoundError/ValueError with one line if it is missing or empty."""
+    """Open a data set; raise DataError (DataNotFound when missing) with one line if it cannot be used."""
     text = str(path)
     if any(ch in text for ch in "*?["):
         shards = sorted(Path(p) for p in glob.glob(text))
         if not shards:
-            raise FileNotFoundError(f"data path {text} matches no files")
+            raise DataNotFound(f"data path {text} matches no files")
         if not all(p.suffix == ".tar" for p in shards):
-            raise ValueError(f"data path pattern {text} must match only .tar shards (WebDataset)")
+            raise DataError(f"data path pattern {text} must match only .tar shards (WebDataset)")
         source, where = _open_shards(shards), f"in the {len(shards)} shard(s) matching {text}"
     else:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(
+            raise DataNotFound(
                 f"data path {path} does not exist; pass an ImageFolder directory, a file list or .tar shards"
             )
         if path.is_dir():
@@ -333,24 +441,43 @@ def open_source(path: str | os.PathLike) -> Source:
                 where = f"under {path}/<class>/ (expected layout root/<class>/<image>, extensions {', '.join(IMAGE_EXTENSIONS)})"
         elif path.suffix == ".tar":
             source, where = _open_shards([path]), f"in {path}"
+        elif _is_image(path.name):
+            raise DataError(f"data path {path} is one image file; pass the ImageFolder root above its folder "
+                            "(root/<class>/<image>), a file list or .tar shards")
         else:
             source, where = _read_list(path), f"listed in {path}"
     if not len(source):
-        raise ValueError(f"no images found {where}")
+        lost = f" ({source.lost[0]})" if source.lost else ""
+        raise DataError(f"no images found {where}{lost}")
     source.origin = os.path.abspath(text)
     return source
 
 
+def single_image_source(path: str | os.PathLike) -> Source:
+    """A one-sample Source for one image file (what `verify` checks when given a file)."""
+    return Source([str(path)], [-1], "file", origin=os.path.abspath(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m dataloading.sources SHARD.tar...: build (or refresh) the WebDataset index of each shard."""
-    shards = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
-    if not shards:
-        print("usage: python -m dataloading.sources SHARD.tar [SHARD.tar ...]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m dataloading.sources", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     description="Build (or refresh) the index of each WebDataset .tar shard: "
+                                                 "beside it, else under $IMG2VEC_CACHE/wds_index.")
+    parser.add_argument("shards", nargs="+", metavar="SHARD.tar", help="uncompressed WebDataset shard(s)")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for shard in shards:
+    status = 0
+    for shard in map(Path, args.shards):
+        if not shard.is_file():
+            print(f"error: {shard} is not a file; pass .tar shards", file=sys.stderr)
+            return 2
+        damage = shard_damage(shard)
+        if damage:
+            print(f"LOST {escape_name(damage)}")
+            status = 1
         tar_index(shard)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

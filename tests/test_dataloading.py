@@ -327,6 +327,7 @@ def test_default_path_uses_sample_set(tmp_path: Path, monkeypatch: pytest.Monkey
         (lambda d, s: s, {"backend": "jax"}, ValueError, "data_backend must be one of"),
         (lambda d, s: s, {"dtype": "int8"}, ValueError, "dtype must be one of"),
         (lambda d, s: d / "*.tar", {}, FileNotFoundError, "matches no files"),
+        (lambda d, s: s, {"max_image_pixels": -1}, ValueError, "max_image_pixels must be >= 0"),
         (lambda d, s: s, {"rank": 2, "world_size": 2}, ValueError, "rank must be in"),
     ],
 )
@@ -335,3 +336,30 @@ def test_clear_errors(tmp_path: Path, sample_dir: Path, make_path, spec_kwargs, 
     with pytest.raises(error, match=match) as info:
         build_loader(_spec(make_path(tmp_path, sample_dir), **spec_kwargs))
     assert "\n" not in str(info.value)
+
+
+# ---- command-line convention ----
+
+@pytest.mark.parametrize("module, option", [
+    ("dataloading.verify", "--max_image_pixels"), ("dataloading.sources", "SHARD.tar"), ("dataloading.digits", "--image_size"),
+])
+def test_commands_take_argv_and_show_defaults(module: str, option: str, capsys: pytest.CaptureFixture) -> None:
+    main = __import__(module, fromlist=["main"]).main
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert option in out and (module == "dataloading.sources" or "(default:" in out)
+    with pytest.raises(SystemExit) as done:
+        main(["--no_such_option"])
+    assert done.value.code == 2
+
+
+def test_digits_command_prints_the_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dataloading.digits import main
+
+    assert main(["--output_dir", str(tmp_path), "--image_size", "8"]) == 0
+    root = Path(capsys.readouterr().out.strip())
+    assert root.parent == tmp_path and (root / "train").is_dir() and (root / "val").is_dir()
+    assert main(["--output_dir", str(tmp_path), "--image_size", "4"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
