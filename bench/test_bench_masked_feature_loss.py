@@ -250,7 +250,7 @@ def test_bench_masked_feature_loss(benchmark, impl, c, layout, target_kind):
     call = lambda: mfl._scale_launch(grad, half)  # noqa: E731
     info.update(what="backward kernel alone, grad_out = 0.5 (rescale in place)",
                 timed_bytes=2 * grad.numel() * grad.element_size(), bytes_formula="2P per grad element",
-                bound_bytes=None)
+                bound_bytes=None, bytes_per_element=2 * grad.element_size())
     if CUDA:
         info["grad_out_1_us"] = _time_calls(lambda: mfl._scale_launch(grad, one))[0] * 1e6
     _record(benchmark, group, impl, call, info)
