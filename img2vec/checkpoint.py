@@ -21,6 +21,7 @@ finite are never committed: the previous checkpoint stays the newest.
 """
 import errno
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -272,6 +273,12 @@ def _raise_if_any_failed(failure, engine, ckpt: str, partial: str, step: int) ->
         return
     needed = _space_needed(ckpt, engine)
     full = failure is not None and _disk_full(failure, ckpt, needed)
+    if full:  # the traceback's frames hold the half-written file open: its space frees only when it closes
+        seen = failure
+        while seen is not None:
+            seen.__traceback__ = None
+            seen = seen.__cause__ or seen.__context__
+        gc.collect()
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # give the space back; the previous checkpoint stays

@@ -439,3 +439,19 @@ def test_a_worker_notices_that_its_launcher_died(tmp_path):
     proc.kill()
     proc.wait()
     assert proc.stdout.readline().strip() == "stop: the exit of the torchrun launcher"
+
+
+def test_resume_refuses_other_teacher_weights_under_the_same_name(tmp_path):
+    from img2vec.checkpoint import ARCHITECTURE_KEYS, _compatibility, teacher_fingerprint
+
+    weights = tmp_path / "teacher.pth"
+    torch.save({"w": torch.zeros(4)}, weights)
+    config = {**{k: 1 for k in ARCHITECTURE_KEYS}, "teacher_weights": str(weights)}
+    state = {"config": dict(config), "teacher_sha256": teacher_fingerprint(str(weights))}
+    assert _compatibility("ckpt", state, None, config) is None
+    time.sleep(0.01)
+    torch.save({"w": torch.ones(4)}, weights)  # same path and size, other weights
+    refusal = _compatibility("ckpt", state, None, config)
+    assert refusal is not None and f"teacher weights file {weights} changed" in refusal
+    assert "teacher weights random ->" in _compatibility("ckpt", {**state, "config": {**config, "teacher_weights": ""}},
+                                                         None, config)
