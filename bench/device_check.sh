@@ -30,9 +30,9 @@ stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
 
 # name -> seconds; 400 in all (checked below)
 declare -A BUDGET=(
-  [wheels]=20 [versions]=15 [cuda_tests]=50 [bench_loss]=80
+  [wheels]=15 [versions]=10 [cuda_tests]=40 [bench_loss]=80
   [train_vit_base]=90 [train_vit_large]=30 [train_vit_huge]=30
-  [bench_attention]=25 [bench_data]=25 [max_micro_batch]=35
+  [bench_attention]=25 [bench_data_gpu]=12 [bench_data_cpu]=13 [max_micro_batch]=55
 )
 SUM=0; for k in "${!BUDGET[@]}"; do SUM=$(( SUM + BUDGET[$k] )); done
 if [ $(( SUM + RESERVE_S )) -gt $TOTAL_S ]; then
@@ -132,13 +132,15 @@ else
   bench train_vit_huge bench/test_bench_train_step.py -k vit_huge
 fi
 bench bench_attention bench/test_bench_attention.py
-bench bench_data bench/test_bench_data.py
+# data path: GPU decode and the CPU loaders in two calls (each JSON is written at its end)
+bench bench_data_gpu bench/test_bench_data.py -k "gpu"
+bench bench_data_cpu bench/test_bench_data.py -k "cpu_backends or prescan"
 
 # 5. ViT-H largest micro-batch (ZeRO-3 + grad ckpt, one GPU) ----------------------------------
 if [ $DRY = 1 ]; then
   step max_micro_batch python3 bench/max_micro_batch.py --dry-run --json "$WORK/max_micro_batch.json"
 else
-  step max_micro_batch python3 bench/max_micro_batch.py --model vit_huge --budget-s 25 --probe-timeout-s 20 \
+  step max_micro_batch python3 bench/max_micro_batch.py --model vit_huge --budget-s 40 --probe-timeout-s 30 \
     --json "$WORK/max_micro_batch.json"
 fi
 
