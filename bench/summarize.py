@@ -4,7 +4,7 @@
 
 Reads what the steps left in WORK_DIR (any of it may be missing: a step that was killed or
 never ran): versions.json, steps.jsonl (one line per finished step), loss.jsonl (one line per
-finished fused-loss case), bench_*.json (pytest-benchmark), max_micro_batch.json, *.log.
+finished fused-loss case), pytest-benchmark JSONs, max_micro_batch.json, *.log.
 Writes OUT.json and prints a short table. It never fails on a missing file or key: what it
 cannot read is listed under "errors" and the figure is null. No torch import (fast, and it
 runs where torch is broken too).
@@ -55,10 +55,14 @@ def _scalars(d):
 
 
 def _benchmarks(work, errors):
-    """{pytest-benchmark name: extra_info scalars + median_s}, from every bench_*.json."""
+    """{pytest-benchmark name: extra_info scalars + median_s}, from every pytest-benchmark JSON."""
     rows = {}
-    for path in sorted(glob.glob(os.path.join(work, "bench_*.json"))):
-        data = _load_json(path, errors) or {}
+    for path in sorted(glob.glob(os.path.join(work, "*.json"))):
+        if os.path.basename(path) in ("versions.json", "max_micro_batch.json") or os.path.getsize(path) == 0:
+            continue  # not a benchmark, or a step killed before pytest-benchmark wrote it
+        data = _load_json(path, errors)
+        if not isinstance(data, dict):
+            continue
         for b in data.get("benchmarks") or []:
             if not isinstance(b, dict) or "name" not in b:
                 continue
@@ -147,7 +151,7 @@ def summarize(work):
         info["cuda_tests"] = cuda_tests(work, errors)
     except Exception as e:  # noqa: BLE001
         errors.append(f"cuda_tests: {type(e).__name__}: {e}")
-    info["errors"] = errors
+    info["errors"] = list(dict.fromkeys(errors))
     return info
 
 
