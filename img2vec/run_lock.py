@@ -43,6 +43,19 @@ def _read_owner(path: str) -> dict:
         return {}
 
 
+def _alive_here(owner: dict) -> bool:
+    """False only if the owner ran on this host and its pid is gone; True when unsure."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class RunLock:
     """An exclusive lock on `output_dir` held by this process until release() or exit."""
 
@@ -50,9 +63,15 @@ class RunLock:
         self.path = os.path.join(output_dir, LOCK_NAME)
         self._fd = None
 
-    def acquire(self) -> "RunLock":
-        """Take the lock or raise RunLockedError (one line). Creates output_dir if needed."""
+    def acquire(self, orphan_wait_s: float = 15.0) -> "RunLock":
+        """Take the lock or raise RunLockedError (one line). Creates output_dir if needed.
+
+        A forked child (a DataLoader worker) shares the lock's open file, so for a few seconds
+        after its owner is SIGKILLed the lock can outlive the owner: if the owner's pid is gone
+        from this host, wait up to orphan_wait_s for its children to go too.
+        """
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        deadline = time.monotonic() + orphan_wait_s
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -60,6 +79,9 @@ class RunLock:
             except OSError:
                 os.close(fd)
                 owner = _read_owner(self.path)
+                if not _alive_here(owner) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
                 raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another run ({_describe(owner)}"
                                      f"{': ' + owner['command'] if owner.get('command') else ''}); wait for it "
                                      f"to finish or stop it, or pick another output_dir") from None
