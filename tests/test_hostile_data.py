@@ -235,7 +235,8 @@ def test_unusable_data_sets_raise_data_error_in_one_line(tmp_path: Path) -> None
         assert "\n" not in str(info.value), path
 
 
-def test_all_images_broken_past_the_header_check_is_one_line_from_worker_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_images_broken_past_the_header_check_is_one_line_from_worker_processes(tmp_path: Path, backend: str) -> None:
     """Every file passes the header check but fails the decode: a DataError in one line, not a worker traceback."""
     root = tmp_path / "data"
     (root / "a").mkdir(parents=True)
@@ -245,7 +246,7 @@ def test_all_images_broken_past_the_header_check_is_one_line_from_worker_process
         data = buffer.getvalue()
         mid = len(data) // 2
         (root / "a" / f"{i}.png").write_bytes(data[:mid] + bytes(100) + data[mid + 100 :])
-    loader = build_loader(_spec(root, num_workers=1))
+    loader = build_loader(_spec(root, backend=backend, num_workers=1))
     with pytest.raises(DataError, match=r"^none of the 4 images could be decoded; run python -m dataloading.verify") as info:
         next(iter(loader))
     assert "\n" not in str(info.value)
