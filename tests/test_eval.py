@@ -99,6 +99,8 @@ def test_finetune_command_help_and_print_config(tmp_path):
 # --- On the digits, with the proof's pretraining run (trained once per session) ---------------
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
 def test_every_checkpoint_form_loads_the_same_encoder(tmp_path_factory):
     run = digits_run(tmp_path_factory)
     tag = step_tag(PROOF_STEPS)
@@ -118,6 +120,8 @@ def run_module(module: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
 def test_knn_and_linear_probe_commands_on_digits(tmp_path_factory):
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
     knn = run_module("img2vec.eval.knn", "--encoder", str(run), "--data_path", str(data))
@@ -154,6 +158,8 @@ def finished(proc: subprocess.Popen, out) -> dict:
     return json.loads((out / "classifier.json").read_text())
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
 def test_finetune_from_pretrained_and_from_random_init_on_digits(tmp_path_factory, tmp_path):
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
     # The same recipe and seed from both starting points, side by side (one core each).
@@ -171,6 +177,8 @@ def test_finetune_from_pretrained_and_from_random_init_on_digits(tmp_path_factor
     assert rows[-1]["val_top1"] == pretrained["val_top1"] and all(math.isfinite(r.get("loss", 0)) for r in rows)
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
 def test_visualize_writes_one_png_per_image(tmp_path_factory, tmp_path):
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
     images = sorted((data / "val" / "3").glob("*.png"))[:2]

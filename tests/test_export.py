@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from eval_helpers import PROOF_STEPS, digits_run
 from safetensors.torch import load_file
@@ -21,6 +22,8 @@ def export(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
 def test_export_loads_strictly_into_timm_with_our_features(tmp_path_factory, tmp_path):
     run = digits_run(tmp_path_factory)
     proc = export("--encoder", str(run), "--output_dir", str(tmp_path / "out"))
@@ -43,6 +46,8 @@ def test_export_loads_strictly_into_timm_with_our_features(tmp_path_factory, tmp
     assert weights.keys() == at_end.keys() and all(torch.equal(weights[k], at_end[k]) for k in weights)
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
 def test_export_of_one_checkpoint_tag_in_process(tmp_path_factory, tmp_path):
     run = digits_run(tmp_path_factory)
     path = export_checkpoint(str(run / "checkpoints" / step_tag(PROOF_STEPS)), str(tmp_path))
