@@ -31,8 +31,8 @@ stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
 # name -> seconds; 400 in all (checked below)
 declare -A BUDGET=(
   [wheels]=15 [versions]=10 [cuda_tests]=40 [bench_loss]=80
-  [train_vit_base]=90 [train_vit_large]=30 [train_vit_huge]=30
-  [bench_attention]=25 [bench_data_gpu]=12 [bench_data_cpu]=13 [max_micro_batch]=55
+  [train_vit_base]=80 [train_vit_large]=30 [train_vit_huge]=30
+  [bench_attention]=25 [bench_data_gpu]=17 [bench_data_cpu]=18 [max_micro_batch]=55
 )
 SUM=0; for k in "${!BUDGET[@]}"; do SUM=$(( SUM + BUDGET[$k] )); done
 if [ $(( SUM + RESERVE_S )) -gt $TOTAL_S ]; then
