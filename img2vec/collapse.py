@@ -51,7 +51,8 @@ class CollapseAlarm:
         `step` is the optimizer step at which the probe was taken (not the step it is logged at):
         a reading logged again at the next log interval, same step, is ignored.
         """
-        if (self.last is not None and step <= self.last[1]) or step <= self.warmup_steps or not (math.isfinite(div_pred) and math.isfinite(div_target)):
+        repeated = self.last is not None and step <= self.last[1]
+        if repeated or step <= self.warmup_steps or not (math.isfinite(div_pred) and math.isfinite(div_target)):
             return None
         if div_target <= 1e-6:  # targets with no diversity: nothing to compare against
             return None

@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ImageFolder dir or file list ('' = the bundled sample images)")
     p.add_argument("--num_images", "--num-images", type=int, default=256, help="images to average over (seeded subset)")
     p.add_argument("--image_size", "--image-size", type=int, default=224, help="center-crop side in pixels")
-    p.add_argument("--patch_size", "--patch-size", type=int, default=16, help="the student's patch size: the token grid")
+    p.add_argument("--patch_size", "--patch-size", type=int, default=16, help="the student's patch size (token grid)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per teacher forward")
     p.add_argument("--output_dir", "--output-dir", default="runs/diversity", help="folder for diversity.json and .png")
     p.add_argument("--seed", type=int, default=0, help="image subset and random-init seed")

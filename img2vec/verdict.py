@@ -106,8 +106,8 @@ def learning_verdict(encoder: torch.nn.Module, init_encoder: torch.nn.Module, im
     scores = []
     for encoder in (encoder, init_encoder):
         encoder = encoder.to(device)
-        (tx, ty), (vx, vy) = (extract_features(encoder, DataLoader(t, batch_size=256), pool, torch.device(device), dtype)
-                              for t in tensors)
+        (tx, ty), (vx, vy) = (extract_features(encoder, DataLoader(t, batch_size=256), pool,
+                                               torch.device(device), dtype) for t in tensors)
         scores.append(knn_accuracy(tx, ty, vx, vy, len(splits[0].classes))["top1"])
     return Verdict(scores[0], scores[1], data)
 

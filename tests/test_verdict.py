@@ -25,8 +25,12 @@ def test_photo_splits_are_held_out_and_share_classes():
     from dataloading import sample_dataset_dir
 
     seed0 = sample_dataset_dir()
-    one = lambda root: open(os.path.join(root, classes[0], sorted(os.listdir(os.path.join(root, classes[0])))[0]), "rb").read()  # noqa: E731,E501
-    assert one(train) != one(val) != one(seed0)
+    def first_file(root):
+        folder = os.path.join(root, classes[0])
+        with open(os.path.join(folder, sorted(os.listdir(folder))[0]), "rb") as f:
+            return f.read()
+
+    assert len({first_file(train), first_file(val), first_file(seed0)}) == 3
 
 
 def test_unknown_verdict_data_is_one_line(tmp_path):
