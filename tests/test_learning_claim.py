@@ -25,6 +25,7 @@ MARGIN = 3.0
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(900)  # the main job (<= 3 min alone) and its verdict, on a shared CPU
 def test_embedded_default_beats_its_random_init(tmp_path):
     run = tmp_path / "run"
     ds = write_ds_config(tmp_path / "ds.json", 2, 32)  # configs/ds_zero2.json's engine
