@@ -28,7 +28,9 @@ def probe(args) -> dict:
     import deepspeed
     import torch
 
-    from img2vec.engine import build_optimizer, init_distributed, load_ds_config
+    from img2vec.distributed import init_distributed
+    from img2vec.ds_config import load_ds_config
+    from img2vec.optim import build_optimizer
     from img2vec.masking import random_masking
     from img2vec.teacher import Teacher
     from img2vec.vit import VIT_SIZES, build_student

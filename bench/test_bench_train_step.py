@@ -9,7 +9,7 @@ data loader: this measures the trainer, bench/test_bench_data.py the data path).
     reference  eager, attn_impl=math, loss_impl=reference, torch AdamW for-loop (foreach=False)
     optimized  attn_impl=auto (sdpa), loss_impl=auto (the Triton kernel on CUDA; on CPU the
                reference: Triton there is only its numpy interpreter), fused_optim=auto
-               (img2vec.engine.build_optimizer: apex FusedAdam, else torch fused AdamW on CUDA,
+               (img2vec.optim.build_optimizer: apex FusedAdam, else torch fused AdamW on CUDA,
                foreach on CPU), torch.compile of student and teacher on CUDA for the models in
                IMG2VEC_BENCH_COMPILE (default vit_base; compiling L and H too does not fit the
                8-minute device check). Not compiled on CPU: a cold compile of the student's
@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is first imported
 
-from img2vec.engine import build_optimizer, param_groups  # noqa: E402
+from img2vec.optim import build_optimizer, param_groups  # noqa: E402
 from img2vec.fastpaths import resolve_attn, resolve_loss  # noqa: E402
 from img2vec.masking import random_masking  # noqa: E402
 from img2vec.teacher import Teacher  # noqa: E402
