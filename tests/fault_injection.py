@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+TRAIN = Path(os.environ.get("TRAIN_PY", REPO / "img2vec" / "train.py"))
+sys.path.insert(0, str(TRAIN.resolve().parents[1]))  # the packages beside that train.py
 
 import torch  # noqa: E402
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
@@ -83,5 +84,5 @@ def step(self, *args, **kwargs):
 TorchCheckpointEngine.create, TorchCheckpointEngine.save = create, save
 Teacher.forward = forward
 DeepSpeedEngine.step = step
-sys.argv = [os.environ.get("TRAIN_PY", str(REPO / "img2vec" / "train.py")), *sys.argv[1:]]
+sys.argv = [str(TRAIN), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
