@@ -91,6 +91,7 @@ class Config(_Loadable):
     data_path: str = _key("", "data", "ImageFolder tree, file list or WebDataset shards; '' = bundled samples")
     data_backend: str = _key("auto", "data", "data loader: " + " | ".join(DATA_BACKENDS))
     num_workers: int = _key(2, "data", "decoding worker processes per rank")
+    max_image_pixels: int = _key(64_000_000, "data", "larger images (h*w) are skipped with a reason; 0 = no cap")
     epochs: int = _key(25, "optimization", "passes over the data (unless max_steps)")
     max_steps: int = _key(0, "optimization", "optimizer steps; > 0 overrides epochs")
     batch_size: int = _key(0, "optimization", "images per process per micro-step; 0 = the DeepSpeed JSON's")
@@ -136,6 +137,8 @@ class Config(_Loadable):
         _check_choice("fused_optim", self.fused_optim, FUSED_OPTIMS)
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.max_image_pixels < 0:
+            raise ConfigError(f"max_image_pixels must be >= 0 (0: no cap), got {self.max_image_pixels}")
         self._check_common()
         p = self.resolved_patch_size
         if p <= 0 or self.image_size <= 0 or self.image_size % p:

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 import torch
 import torch.distributed as dist
 
+from dataloading import DataError
 from img2vec.checkpoint import (CheckpointError, consolidated_fp32_state_dict, export_encoder,
                                 frozen_parameters, resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import Config, ConfigError, build_parser, config_from_args, print_config
@@ -51,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run = build_pretraining(cfg, rt)
+    try:
+        run = build_pretraining(cfg, rt)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
 
     # Resume: weights, optimizer and position come back; data and masks are functions of
     # (seed, step), so the continued run sees exactly what an uninterrupted one would.
@@ -71,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
             json.dump(rt.ds_config, f, indent=2)
 
-    step, exit_code = pretrain(cfg, rt, run, step, skipped_steps)
+    try:
+        step, exit_code = pretrain(cfg, rt, run, step, skipped_steps)
+    except DataError as e:  # e.g. every image failed to decode mid-run
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
     if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
         return exit_code
     report_skipped_files(run.loader, rt.rank, cfg.data_path)
@@ -112,7 +121,7 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
     loader = build_loader(LoaderSpec(data_path=cfg.data_path, image_size=cfg.image_size,
                                      micro_batch=rt.micro_batch, rank=rt.rank, world_size=rt.world_size,
                                      seed=cfg.seed, num_workers=cfg.num_workers, backend=cfg.data_backend,
-                                     pin_memory=rt.device.type == "cuda"))
+                                     pin_memory=rt.device.type == "cuda", max_image_pixels=cfg.max_image_pixels))
     micro_steps_per_epoch = loader.steps_per_epoch
     total_steps = cfg.max_steps or max(1, cfg.epochs * micro_steps_per_epoch // rt.accum_steps)
     warmup_steps = int(cfg.warmup_epochs * micro_steps_per_epoch / rt.accum_steps)
@@ -241,10 +250,13 @@ def log_window(cfg: Config, step: int, lr: float, epoch: int, window: LogWindow,
 
 
 def report_skipped_files(loader, rank: int, data_path: str) -> None:
+    from dataloading.sources import escape_name  # a newline in a file name must not forge a log line
+
     skipped_files = loader.skipped_files()  # (file, reason) of each unreadable image this rank skipped
     if skipped_files:
         log.warning("rank %d skipped %d unreadable file(s), e.g. %s (%s); python -m dataloading.verify %s "
-                    "lists them", rank, len(skipped_files), *skipped_files[0], data_path or "<data_path>")
+                    "lists them", rank, len(skipped_files), escape_name(skipped_files[0][0]), skipped_files[0][1],
+                    data_path or "<data_path>")
 
 
 def export(cfg: Config, rt: Runtime, run: Pretraining, step: int) -> None:

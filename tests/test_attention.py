@@ -98,7 +98,7 @@ def _student(attn="sdpa", grad_ckpt=0, depth=3, seed=0):
     built from the classes build_student uses; C = 32 teacher channels."""
     torch.manual_seed(seed)
     enc = VitEncoder(64, 16, 64, depth=depth, heads=2, attn_impl=attn, grad_ckpt=grad_ckpt)
-    return Img2VecStudent(enc, Decoder(enc.num_patches, enc.grid, 64, 64, 1, 2, 32, attn_impl=attn))
+    return Img2VecStudent(enc, Decoder(enc.grid, 64, 64, 1, 2, 32, attn_impl=attn))
 
 
 def _batch(B=3, N=16, C=32):
