@@ -119,6 +119,7 @@ class Config(_Loadable):
     fused_optim: str = _key("auto", "optimization", "AdamW: " + " | ".join(FUSED_OPTIMS))
     compile: bool = _key(False, "model", "torch.compile student and teacher (GPU; slow warm-up on CPU)")
     grad_ckpt: int = _key(0, "model", "encoder blocks that recompute activations in backward")
+    drop_path: float = _key(0.0, "model", "student encoder stochastic depth rate (MAE: 0; dBOT: 0.2 B/L, 0.3 H)")
 
     @property
     def resolved_patch_size(self) -> int:
@@ -160,6 +161,8 @@ class Config(_Loadable):
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.max_nonfinite_steps <= 0:
             raise ConfigError(f"max_nonfinite_steps must be > 0, got {self.max_nonfinite_steps}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if min(self.ckpt_every, self.diversity_every, self.keep_last, self.eval_every) < 0:
             raise ConfigError("ckpt_every, diversity_every, keep_last and eval_every must be >= 0")
         from img2vec.hog import WEIGHT_FREE_TEACHERS
@@ -189,12 +192,16 @@ class FinetuneConfig(_Loadable):
     """Fine-tuning for classification (img2vec/finetune.py), MAE's main_finetune.py recipe."""
     encoder: str = _key("", "model", "encoder.safetensors, a run folder, or run/checkpoints/<tag>")
     init: str = _key("pretrained", "model", "pretrained | random (same architecture, seeded init: the baseline)")
-    pool: str = _key("avg", "model", "avg (MAE: mean of patch tokens after the norm) | cls")
+    pool: str = _key("avg", "model", "avg (MAE: mean of patch tokens, then a new fc_norm) | cls (after the norm)")
     drop_path: float = _key(0.1, "model", "stochastic depth rate")
     data_path: str = _key("", "data", "ImageFolder root with train/ and val/")
     num_workers: int = _key(2, "data", "decoding worker processes per rank")
     crop_scale_min: float = _key(0.08, "data", "RandomResizedCrop area fraction lower bound, in (0, 1]")
     hflip: float = _key(0.5, "data", "horizontal flip probability (0 for digits and text)")
+    auto_augment: str = _key("", "data", "timm RandAugment policy; '' = off (MAE: rand-m9-mstd0.5-inc1)")
+    re_prob: float = _key(0.0, "data", "timm RandomErasing probability (MAE: 0.25)")
+    re_mode: str = _key("pixel", "data", "RandomErasing fill: pixel (MAE) | rand | const")
+    re_count: int = _key(1, "data", "RandomErasing regions per image (MAE: 1)")
     mixup: float = _key(0.0, "data", "mixup alpha; 0 = off (MAE ImageNet: 0.8)")
     cutmix: float = _key(0.0, "data", "cutmix alpha; 0 = off (MAE ImageNet: 1.0)")
     label_smoothing: float = _key(0.1, "optimization", "label smoothing of the cross-entropy, in [0, 1)")
@@ -207,8 +214,13 @@ class FinetuneConfig(_Loadable):
     warmup_epochs: float = _key(5.0, "optimization", "epochs of linear lr warmup")
     layer_decay: float = _key(0.75, "optimization", "lr of block i = lr * layer_decay ** (depth - i); MAE: B 0.65")
     weight_decay: float = _key(0.05, "optimization", "AdamW weight decay (not on norms, biases, tokens)")
-    output_dir: str = _key("runs/finetune", "run", "run folder: config, metrics, checkpoints, classifier")
+    output_dir: str = _key("", "run", "run folder; '' = <encoder's run>/finetune[_<tag>][_random]")
     log_every: int = _key(10, "run", "optimizer steps between logged metrics (the only host syncs)")
+    ckpt_every: int = _key(0, "run", "optimizer steps between checkpoints; 0 = after each epoch's evaluation")
+    resume: bool = _key(True, "run", "continue from the latest complete checkpoint in output_dir")
+    keep_last: int = _key(2, "run", "complete checkpoints kept on disk; 0 = all")
+    trust_checkpoint: bool = _key(False, "run", "allow checkpoints that unpickle objects (runs their code)")
+    max_nonfinite_steps: int = _key(5, "run", "skipped (NaN/inf loss) steps in a row before the run stops")
     seed: int = _key(0, "run", "seed of the head init, the data order and mixup")
 
     def validate(self) -> "FinetuneConfig":
@@ -229,6 +241,13 @@ class FinetuneConfig(_Loadable):
                               f"{self.crop_scale_min}")
         if self.mixup < 0 or self.cutmix < 0:
             raise ConfigError(f"mixup and cutmix must be >= 0, got {self.mixup}, {self.cutmix}")
+        _check_choice("re_mode", self.re_mode, ("pixel", "rand", "const"))
+        if not 0 <= self.re_prob <= 1 or self.re_count < 1:
+            raise ConfigError(f"re_prob must be in [0, 1] and re_count >= 1, got {self.re_prob}, {self.re_count}")
+        if self.auto_augment and not self.auto_augment.startswith(("rand", "augmix", "original", "v0", "3a")):
+            raise ConfigError(f"auto_augment {self.auto_augment!r} is not a timm policy (e.g. rand-m9-mstd0.5-inc1)")
+        if min(self.ckpt_every, self.keep_last) < 0 or self.max_nonfinite_steps <= 0:
+            raise ConfigError("ckpt_every and keep_last must be >= 0, max_nonfinite_steps > 0")
         return self
 
 
