@@ -21,14 +21,15 @@ import torch
 import torch.distributed as dist
 
 from dataloading import DataError
-from img2vec.checkpoint import (CheckpointError, consolidated_fp32_state_dict, export_encoder,
-                                frozen_parameters, resume_checkpoint, save_checkpoint, step_tag)
+from img2vec.checkpoint import (CheckpointError, export_encoder, frozen_parameters, load_fp32_state_dict,
+                                resume_checkpoint, save_checkpoint)
 from img2vec.config import Config, ConfigError, build_parser, config_from_args, print_config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
+from img2vec.run_lock import RunLockedError, lock_run_dir
 from img2vec.runtime import Runtime, launch_world_size, resolve_batch, setup_runtime
 from img2vec.signals import GracefulStop
 from img2vec.token_diversity import collapse_probe
@@ -49,46 +50,32 @@ def main(argv: list[str] | None = None) -> int:
             print_config(resolved)
             return 0
         rt, cfg = setup_runtime(args.ds_config, cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
+        lock_output_dir(cfg.output_dir)  # one run per folder, before anything slow
         run = build_pretraining(cfg, rt)
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
-
-    # Resume: weights, optimizer and position come back; data and masks are functions of
-    # (seed, step), so the continued run sees exactly what an uninterrupted one would.
-    # Only then is anything written: a refused checkpoint leaves the run directory as it was.
-    step, skipped_steps = 0, 0
-    if cfg.resume:
-        try:
-            state = resume_checkpoint(run.engine, cfg.output_dir, cfg.to_dict(), cfg.trust_checkpoint)
-        except CheckpointError as e:
-            log.error("%s", e)
-            return 2
-        if state is not None:
-            step, skipped_steps = state["step"], state.get("skipped_steps", 0)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if rt.rank == 0:
-        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
-        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
-            json.dump(rt.ds_config, f, indent=2)
-
-    try:
+        step, skipped_steps = resume(cfg, rt, run)
         step, exit_code = pretrain(cfg, rt, run, step, skipped_steps)
-    except DataError as e:  # e.g. every image failed to decode mid-run
-        print(f"data error: {e}", file=sys.stderr)
+        if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
+            return exit_code
+        report_skipped_files(run.loader, rt.rank, cfg.data_path)
+        export(cfg, rt, run, step)
+    except (ConfigError, DataError, RunLockedError, CheckpointError) as e:  # the user can fix it: one line
+        kind = next(k for k, t in [("config", ConfigError), ("data", DataError), ("output_dir", RunLockedError),
+                                   ("checkpoint", CheckpointError)] if isinstance(e, t))
+        print(f"{kind} error: {e}", file=sys.stderr)
         return 2
-    if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
-        return exit_code
-    report_skipped_files(run.loader, rt.rank, cfg.data_path)
-    export(cfg, rt, run, step)
     return 0
 
 
 # --- Set-up ---------------------------------------------------------------------------------
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Take the run folder's lock (held until exit); an unwritable folder is a one-line error."""
+    try:
+        lock_run_dir(output_dir)
+    except OSError as e:
+        raise RunLockedError(f"cannot write to output_dir {output_dir} ({e.strerror}); pick another "
+                             f"output_dir") from None
 
 
 @dataclass
@@ -107,6 +94,7 @@ class Pretraining:
     peak_lr: float
     frozen: dict  # frozen parameters (the fixed pos_embed), for the export
     timm_kwargs: dict
+    last_checkpoint: str | None = None  # folder of the newest checkpoint this run verified or wrote
 
 
 def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
@@ -122,9 +110,7 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
                                      micro_batch=rt.micro_batch, rank=rt.rank, world_size=rt.world_size,
                                      seed=cfg.seed, num_workers=cfg.num_workers, backend=cfg.data_backend,
                                      pin_memory=rt.device.type == "cuda", max_image_pixels=cfg.max_image_pixels))
-    micro_steps_per_epoch = loader.steps_per_epoch
-    total_steps = cfg.max_steps or max(1, cfg.epochs * micro_steps_per_epoch // rt.accum_steps)
-    warmup_steps = int(cfg.warmup_epochs * micro_steps_per_epoch / rt.accum_steps)
+    total_steps, warmup_steps = schedule_steps(cfg, loader.steps_per_epoch, rt.accum_steps)
     teacher = build_teacher(cfg).to(rt.device)  # frozen, outside the engine (ZeRO must not shard or step it)
     attn_impl = resolve_attn(cfg.attn_impl, rt.device)
     loss_name, loss_fn = resolve_loss(cfg.loss_impl, rt.device)
@@ -152,6 +138,65 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
              str(rt.dtype).replace("torch.", ""), rt.device, rt.log_line(), total_steps, peak_lr)
     return Pretraining(loader, teacher, engine, optimizer, guard, loss_fn, knn, num_patches, total_steps,
                        warmup_steps, peak_lr, frozen, timm_kwargs)
+
+
+def schedule_steps(cfg: Config, micro_steps_per_epoch: int, accum_steps: int) -> tuple[int, int]:
+    """(total, warmup) optimizer steps: max_steps or epochs over the data; warmup in epochs."""
+    total = cfg.max_steps or max(1, cfg.epochs * micro_steps_per_epoch // accum_steps)
+    return total, int(cfg.warmup_epochs * micro_steps_per_epoch / accum_steps)
+
+
+def resume(cfg: Config, rt: Runtime, run: Pretraining) -> tuple[int, int]:
+    """Weights, optimizer and position come back; data and masks are functions of (seed, step), so
+    the continued run sees exactly what an uninterrupted one would. Only then is anything written:
+    a refused checkpoint leaves the run folder as it was. Returns (step, skipped steps so far)."""
+    step, skipped_steps = 0, 0
+    state = resume_checkpoint(run.engine, cfg.output_dir, cfg.to_dict(), cfg.trust_checkpoint) if cfg.resume else None
+    if state is not None:
+        step, skipped_steps = state["step"], state.get("skipped_steps", 0)
+        run.last_checkpoint = state["path"]
+        log_changes(state.get("config", {}), cfg, run, step, rt.accum_steps)
+    if rt.rank == 0:
+        keep_metrics_until(os.path.join(cfg.output_dir, "metrics.jsonl"), step)
+        for name in ("config.yaml", f"config.{step:06d}.yaml"):  # the latest, and one per launch
+            cfg.save(os.path.join(cfg.output_dir, name))
+        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
+            json.dump(rt.ds_config, f, indent=2)
+    return step, skipped_steps
+
+
+def log_changes(saved: dict, cfg: Config, run: Pretraining, step: int, accum_steps: int) -> None:
+    """Say what a resumed run changed; a new length stretches or cuts the cosine schedule."""
+    changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if k in saved and saved[k] != v}
+    if changed:
+        log.warning("resumed with changed settings: %s", ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    if changed.keys() & {"max_steps", "epochs", "warmup_epochs", "base_lr", "min_lr"}:
+        old = Config(**{**cfg.to_dict(), **{k: a for k, (a, _) in changed.items()}})
+        old_total, old_warmup = schedule_steps(old, run.loader.steps_per_epoch, accum_steps)
+        old_lr = cosine_schedule(step, old_total, old_warmup, run.peak_lr * old.base_lr / cfg.base_lr, old.min_lr)
+        new_lr = cosine_schedule(step, run.total_steps, run.warmup_steps, run.peak_lr, cfg.min_lr)
+        log.warning("the LR schedule changes at step %d: %d -> %d steps in all, lr here %.3g -> %.3g", step,
+                    old_total, run.total_steps, old_lr, new_lr)
+
+
+def keep_metrics_until(path: str, step: int) -> None:
+    """Drop metrics rows past `step` (written after the checkpoint we resume from): no duplicates."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a line cut short by a kill
+        return float("inf")
 
 
 # --- The step loop ----------------------------------------------------------------------------
@@ -198,12 +243,14 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
             if rt.world_size > 1:  # all ranks must stop at the same step: agree where they sync anyway
                 stopping = step % cfg.log_every == 0 and agree_any(stopping, rt.device)
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == run.total_steps or stopping:
-                save_checkpoint(run.engine, cfg.output_dir, step,  # the last good weights: skips change nothing
-                                {"config": cfg.to_dict(), "skipped_steps": run.guard.total}, cfg.keep_last)
+                saved = save_checkpoint(run.engine, cfg.output_dir, step,  # the last good weights: skips change nothing
+                                        {"config": cfg.to_dict(), "skipped_steps": run.guard.total}, cfg.keep_last)
+                run.last_checkpoint = saved or run.last_checkpoint  # None: weights not finite, nothing written
             if stopping:
                 metrics.close()
-                log.warning("stopped by %s at step %d; checkpoint written. Rerun the same command to resume",
-                            stop.signal_name or "a signal on another rank", step)
+                log.warning("stopped by %s at step %d; %s. Rerun the same command to resume",
+                            stop.signal_name or "a signal on another rank", step,
+                            "checkpoint written" if saved else "no checkpoint written (weights not finite)")
                 return step, 0
             if step == run.total_steps:
                 break
@@ -263,7 +310,7 @@ def export(cfg: Config, rt: Runtime, run: Pretraining, step: int) -> None:
     """fp32 master weights of the encoder with timm's names, and the loss curve (rank 0)."""
     dist.barrier()
     if rt.rank == 0:
-        state = consolidated_fp32_state_dict(cfg.output_dir, step_tag(step), run.frozen)
+        state = load_fp32_state_dict(run.last_checkpoint, run.frozen)  # verified before it unpickles
         path = export_encoder(state, run.timm_kwargs, cfg.output_dir)
         plot_loss_curve(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "loss.png"))
         log.info("done: %d steps; encoder at %s; resume or extend with --max_steps N", step, path)
