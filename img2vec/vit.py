@@ -93,18 +93,24 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with timm's names (norm1, attn, norm2, mlp)."""
+    """Pre-norm transformer block with timm's names (norm1, attn, norm2, mlp); `drop_path` > 0
+    drops each residual branch per sample (stochastic depth, timm's DropPath: no parameters, so
+    the names stay timm's)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_impl: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_impl: str = "sdpa",
+                 drop_path: float = 0.0):
         super().__init__()
+        from timm.layers import DropPath
+
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -134,7 +140,7 @@ class VitEncoder(nn.Module):
     """ViT encoder that runs on visible patches only. State-dict names == timm VisionTransformer."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0, attn_impl: str = "sdpa", grad_ckpt: int = 0):
+                 mlp_ratio: float = 4.0, attn_impl: str = "sdpa", grad_ckpt: int = 0, drop_path: float = 0.0):
         super().__init__()
         assert image_size % patch_size == 0
         self.grad_ckpt = grad_ckpt  # the first `grad_ckpt` blocks recompute activations in backward
@@ -146,7 +152,9 @@ class VitEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         # Fixed, not learned (MAE); a Parameter only so timm finds `pos_embed` in the export.
         self.pos_embed = nn.Parameter(sincos_pos_embed(width, self.grid, cls_token=True), requires_grad=False)
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, attn_impl) for _ in range(depth)])
+        # Stochastic depth grows linearly with depth to `drop_path` at the last block (timm, dBOT).
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # python: meta-device safe
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, attn_impl, rates[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.apply(_init_weights)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -223,12 +231,13 @@ class Img2VecStudent(nn.Module):
 
 def build_student(model: str, image_size: int, patch_size: int, out_channels: int,
                   decoder_depth: int, decoder_width: int, decoder_heads: int,
-                  attn_impl: str = "sdpa", grad_ckpt: int = 0) -> Img2VecStudent:
+                  attn_impl: str = "sdpa", grad_ckpt: int = 0, drop_path: float = 0.0) -> Img2VecStudent:
     """Size factory: model in VIT_SIZES, patch_size 0 means the size's default;
-    grad_ckpt = number of encoder blocks (from the first) that recompute activations."""
+    grad_ckpt = number of encoder blocks (from the first) that recompute activations;
+    drop_path = the encoder's stochastic depth at its last block (the decoder has none, as in dBOT)."""
     size = VIT_SIZES[model]
     encoder = VitEncoder(image_size, patch_size or size.patch_size, size.width, size.depth, size.heads,
-                         attn_impl=attn_impl, grad_ckpt=grad_ckpt)
+                         attn_impl=attn_impl, grad_ckpt=grad_ckpt, drop_path=drop_path)
     decoder = Decoder(encoder.grid, size.width, decoder_width, decoder_depth, decoder_heads, out_channels, attn_impl)
     return Img2VecStudent(encoder, decoder)
 

@@ -68,3 +68,28 @@ def test_size_factories_match_published_parameter_counts(name, millions):
     with torch.device("meta"):
         enc = VitEncoder(224, size.patch_size, size.width, size.depth, size.heads)
     assert abs(count_params(enc) / 1e6 - millions) < 0.1
+
+
+def test_student_drop_path_matches_timm_stochastic_depth_and_keeps_timm_names():
+    """drop_path rates rise linearly to the setting at the last block, as in timm's VisionTransformer;
+    in eval mode and at rate 0 the encoder is unchanged; in training mode a dropped branch is
+    the identity per sample, and the same seed drops the same samples in timm's model."""
+    torch.manual_seed(0)
+    ours = VitEncoder(32, 8, 32, depth=3, heads=2, drop_path=0.3)
+    theirs = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=0,
+                               global_pool="token", drop_path_rate=0.3)
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # DropPath adds no parameters
+    assert [b.drop_path.drop_prob if i else 0.0 for i, b in enumerate(ours.blocks)] == pytest.approx(
+        [b.drop_path1.drop_prob if i else 0.0 for i, b in enumerate(theirs.blocks)])
+    assert [float(getattr(b.drop_path, "drop_prob", 0.0)) for b in ours.blocks] == pytest.approx([0.0, 0.15, 0.3])
+    images = torch.randn(16, 3, 32, 32)
+    plain = VitEncoder(32, 8, 32, depth=3, heads=2)
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(images), plain.eval()(images))
+        ours.train(), theirs.train()
+        torch.manual_seed(1)
+        dropped = ours(images)
+        torch.manual_seed(1)
+        torch.testing.assert_close(dropped, theirs.forward_features(images), atol=1e-5, rtol=0)
+        assert not torch.allclose(dropped, plain(images), atol=1e-3)  # something was dropped
