@@ -23,6 +23,7 @@ import yaml
 from img2vec.vit import ATTN_IMPLS, VIT_SIZES
 
 LOSS_IMPLS = ("auto", "triton", "reference")
+LOSSES = ("smooth_l1", "mse")
 DATA_BACKENDS = ("auto", "dali", "torch")
 FUSED_OPTIMS = ("auto", "apex", "torch")
 GROUPS = ("model", "teacher", "data", "optimization", "run")
@@ -80,14 +81,15 @@ class Config(_Loadable):
     decoder_depth: int = _key(2, "model", "blocks of the light MAE-style decoder", arch=True)
     decoder_width: int = _key(128, "model", "decoder width (divisible by decoder_heads and by 4)", arch=True)
     decoder_heads: int = _key(4, "model", "decoder attention heads", arch=True)
-    mask_ratio: float = _key(0.75, "model", "fraction of patches masked, in (0, 1)")
-    teacher: str = _key("resnet50", "teacher", "timm model whose features are the targets, or pixels | hog",
-                        arch=True)
+    mask_ratio: float = _key(0.5, "model", "fraction of patches masked, in (0, 1) (presets: 0.75)")
+    teacher: str = _key("auto", "teacher", "hog | pixels (no weights) | a timm model name | auto: resnet50 "
+                        "when teacher_weights is given (a file or 'random'), else hog", arch=True)
     teacher_stage: int = _key(3, "teacher", "timm features_only stage (resnet50 3: stride 16, C=1024)",
                               arch=True)
     teacher_weights: str = _key("", "teacher", "a local .safetensors/.pth file, or 'random' (said explicitly)")
     loss_beta: float = _key(2.0, "teacher", "smooth-L1 beta on layer-normed teacher features")
     loss_eps: float = _key(1e-6, "teacher", "epsilon of the teacher features' layer norm")
+    loss: str = _key("smooth_l1", "teacher", "smooth_l1 (Img2Vec, beta loss_beta) | mse (MAE with teacher pixels)")
     data_path: str = _key("", "data", "ImageFolder tree, file list or WebDataset shards; '' = bundled samples")
     data_backend: str = _key("auto", "data", "data loader: " + " | ".join(DATA_BACKENDS))
     num_workers: int = _key(2, "data", "decoding worker processes per rank")
@@ -96,7 +98,7 @@ class Config(_Loadable):
     max_steps: int = _key(0, "optimization", "optimizer steps; > 0 overrides epochs")
     batch_size: int = _key(0, "optimization", "images per process per micro-step; 0 = the DeepSpeed JSON's")
     accum_iter: int = _key(0, "optimization", "micro-steps per optimizer step; 0 = the DeepSpeed JSON's")
-    base_lr: float = _key(2e-3, "optimization", "lr = base_lr * global_batch / 256 (MAE presets: 1.5e-4)")
+    base_lr: float = _key(1e-3, "optimization", "lr = base_lr * global_batch / 256 (MAE presets: 1.5e-4)")
     min_lr: float = _key(0.0, "optimization", "lr at the end of the cosine schedule")
     warmup_epochs: float = _key(2.0, "optimization", "epochs of linear lr warmup")
     weight_decay: float = _key(0.05, "optimization", "AdamW weight decay (not on norms, biases, tokens)")
@@ -113,6 +115,9 @@ class Config(_Loadable):
     eval_data: str = _key("", "run", "ImageFolder root with train/ and val/ for in-training kNN top-1")
     eval_every: int = _key(0, "run", "optimizer steps between kNN evaluations on eval_data; 0 = off")
     diversity_every: int = _key(25, "run", "optimizer steps between token-diversity readings; 0 = off")
+    collapse_fraction: float = _key(0.03, "run", "collapse alarm after warm-up when div_pred < this x div_target")
+    verdict_data: str = _key("photos", "run", "end-of-run kNN verdict vs random init on: photos | digits | a "
+                             "folder with train/ and val/ | '' = off")
     seed: int = _key(0, "run", "seed of the init, the data order and the masks")
     loss_impl: str = _key("auto", "teacher", "masked feature loss: " + " | ".join(LOSS_IMPLS))
     attn_impl: str = _key("auto", "model", "attention: " + " | ".join(ATTN_IMPLS))
@@ -133,6 +138,7 @@ class Config(_Loadable):
         """Check every field; raise ConfigError with one line saying what to change."""
         _check_choice("model", self.model, tuple(VIT_SIZES))
         _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _check_choice("loss", self.loss, LOSSES)
         _check_choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_choice("data_backend", self.data_backend, DATA_BACKENDS)
         _check_choice("fused_optim", self.fused_optim, FUSED_OPTIMS)
@@ -165,8 +171,21 @@ class Config(_Loadable):
             raise ConfigError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if min(self.ckpt_every, self.diversity_every, self.keep_last, self.eval_every) < 0:
             raise ConfigError("ckpt_every, diversity_every, keep_last and eval_every must be >= 0")
-        from img2vec.hog import WEIGHT_FREE_TEACHERS
+        from img2vec.hog import WEIGHT_FREE_TEACHERS, check_patch_size
 
+        if self.teacher == "auto":  # real weights keep the paper's teacher; none: a teacher that needs none
+            self.teacher = "resnet50" if self.teacher_weights else "hog"
+        if not 0.0 < self.collapse_fraction < 1.0:
+            raise ConfigError(f"collapse_fraction must be in (0, 1), got {self.collapse_fraction}")
+        if self.verdict_data not in ("", "photos", "digits") and not all(
+                os.path.isdir(os.path.join(self.verdict_data, s)) for s in ("train", "val")):
+            raise ConfigError(f"verdict_data must be photos, digits, '' (off) or a folder with train/ and val/, "
+                              f"got {self.verdict_data!r}")
+        if self.teacher in WEIGHT_FREE_TEACHERS:
+            try:
+                check_patch_size(self.teacher, self.resolved_patch_size)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.teacher_weights == "" and not self.uses_sample_data and self.teacher not in WEIGHT_FREE_TEACHERS:
             raise ConfigError("set teacher_weights to a local .safetensors/.pth file of the teacher "
                               "(or 'random' to train against an untrained teacher)")

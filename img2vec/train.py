@@ -5,7 +5,8 @@
     python img2vec/train.py --help                                 # every config key, grouped
 
 With no run config the embedded default runs: a tiny ViT on the bundled sample photographs
-against a randomly initialised ResNet-50 teacher, a few minutes on a laptop CPU.
+against the HOG teacher (no weights needed), a few minutes on a laptop CPU; it ends with a
+learning verdict: kNN top-1 of the encoder vs its own random init on held-out photo crops.
 Reads top to bottom: main (config, set-up, resume, pretrain, export), then the step loop.
 """
 import json
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dataloading import DataError
+from img2vec.collapse import CollapseAlarm
 from img2vec.checkpoint import (CheckpointError, export_encoder, frozen_parameters, load_fp32_state_dict,
                                 resume_checkpoint, save_checkpoint)
 from img2vec.config import Config, ConfigError, build_parser, config_from_args, print_config
@@ -94,6 +96,7 @@ class Pretraining:
     peak_lr: float
     frozen: dict  # frozen parameters (the fixed pos_embed), for the export
     timm_kwargs: dict
+    alarm: CollapseAlarm  # speaks when div_pred falls below collapse_fraction x div_target after warm-up
     last_checkpoint: str | None = None  # folder of the newest checkpoint this run verified or wrote
 
 
@@ -113,7 +116,7 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
     total_steps, warmup_steps = schedule_steps(cfg, loader.steps_per_epoch, rt.accum_steps)
     teacher = build_teacher(cfg).to(rt.device)  # frozen, outside the engine (ZeRO must not shard or step it)
     attn_impl = resolve_attn(cfg.attn_impl, rt.device)
-    loss_name, loss_fn = resolve_loss(cfg.loss_impl, rt.device)
+    loss_name, loss_fn = resolve_loss(cfg.loss_impl, rt.device, cfg.loss)
     student = build_student_from_config(cfg, teacher.channels, attn_impl).to(rt.device)
     peak_lr = cfg.base_lr * rt.global_batch / 256  # MAE's linear scaling rule
     optimizer = build_optimizer(student, peak_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
@@ -134,10 +137,10 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
     log.info("student %s: %.1fM params (encoder %.1fM), %d patches, mask %.2f; teacher %s stage %d "
              "(C=%d, weights=%s); attention %s, loss %s, %s on %s; %s, %d steps, peak lr %.2e", cfg.model,
              sizes[0] / 1e6, sizes[1] / 1e6, num_patches, cfg.mask_ratio, cfg.teacher, cfg.teacher_stage,
-             teacher.channels, cfg.teacher_weights or "random", attn_impl, loss_name,
+             teacher.channels, cfg.teacher_weights or "random", attn_impl, f"{loss_name} {cfg.loss}",
              str(rt.dtype).replace("torch.", ""), rt.device, rt.log_line(), total_steps, peak_lr)
     return Pretraining(loader, teacher, engine, optimizer, guard, loss_fn, knn, num_patches, total_steps,
-                       warmup_steps, peak_lr, frozen, timm_kwargs)
+                       warmup_steps, peak_lr, frozen, timm_kwargs, CollapseAlarm(warmup_steps, cfg.collapse_fraction))
 
 
 def schedule_steps(cfg: Config, micro_steps_per_epoch: int, accum_steps: int) -> tuple[int, int]:
@@ -211,6 +214,7 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
     window = LogWindow(rt.device, cfg.log_every, run.total_steps, rt.micro_batch, rt.accum_steps, rt.world_size)
     micro_step = step * rt.accum_steps  # index into the endless stream of micro-batches
     diversity = {}  # device scalars from the last collapse probe, read at the next log
+    probe_step = 0  # the optimizer step the probe was taken at
     while step < run.total_steps:
         epoch, offset = divmod(micro_step, run.loader.steps_per_epoch)
         for batch in run.loader.iter_from(epoch, offset):
@@ -222,6 +226,7 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
             loss = run.loss_fn(pred, target, mask.ids_masked, cfg.loss_beta, cfg.loss_eps)
             if cfg.diversity_every and micro_step % (cfg.diversity_every * rt.accum_steps) == 0:
                 diversity = collapse_probe(pred, target, mask.ids_masked)  # step 0: the teacher's, at start
+                probe_step = step
             run.engine.backward(loss)
             finite = run.guard.check(loss)
             if (micro_step + 1) % rt.accum_steps == 0:  # the optimizer steps in engine.step() below
@@ -234,7 +239,8 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
             step += 1
             run.guard.end_step()
             metrics.advance()
-            if window.due(step) and not log_window(cfg, step, lr, epoch, window, run.guard, diversity, metrics):
+            if window.due(step) and not log_window(cfg, step, lr, epoch, window, run.guard, diversity, metrics,
+                                                   run.alarm, probe_step):
                 metrics.close()
                 return step, 3
             if run.knn is not None and (step % cfg.eval_every == 0 or step == run.total_steps):
@@ -275,14 +281,16 @@ def set_schedule(cfg: Config, run: Pretraining, step: int) -> float:
 
 
 def log_window(cfg: Config, step: int, lr: float, epoch: int, window: LogWindow, guard: NonFiniteGuard,
-               diversity: dict, metrics: MetricsLogger) -> bool:
+               diversity: dict, metrics: MetricsLogger, alarm: CollapseAlarm, probe_step: int) -> bool:
     """Log the window's metrics (the host sync of a log interval); False: stop, the loss has not
     been finite for max_nonfinite_steps steps in a row."""
     n_skipped, in_a_row = guard.read()
     row = window.close(step, n_skipped)
+    readings = {name: value.item() for name, value in diversity.items()}
     metrics.log(step, {"loss": row["loss"], "lr": lr, "epoch": epoch, "img_per_s": row["img_per_s"],
-                       "skipped_steps": guard.total, **({"skipped": n_skipped} if n_skipped else {}),
-                       **{name: value.item() for name, value in diversity.items()}})
+                       "skipped_steps": guard.total, **({"skipped": n_skipped} if n_skipped else {}), **readings})
+    if readings:
+        alarm.update(probe_step, readings["div_pred"], readings["div_target"])  # warns once per low window
     if n_skipped:
         log.warning("step %d: %d step(s) skipped for a non-finite loss (%d in all)", step, n_skipped, guard.total)
     if guard.exhausted(in_a_row):
@@ -314,6 +322,11 @@ def export(cfg: Config, rt: Runtime, run: Pretraining, step: int) -> None:
         path = export_encoder(state, run.timm_kwargs, cfg.output_dir)
         plot_loss_curve(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "loss.png"))
         log.info("done: %d steps; encoder at %s; resume or extend with --max_steps N", step, path)
+        log.info("%s", run.alarm.summary())
+        if cfg.verdict_data:  # the last line: kNN top-1 of this encoder vs its own random init
+            from img2vec.verdict import write_verdict
+
+            log.info("%s", write_verdict(cfg.output_dir, step, cfg.seed, cfg.verdict_data, device=rt.device).line())
     dist.barrier()
 
 
