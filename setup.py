@@ -38,5 +38,19 @@ setup(
         # xformers' wheels are built for one torch/CUDA pair; it is only ever an optional backend.
         "xformers": ["xformers"],
     },
+    # Each command is also `python -m <module>`; train and finetune stay scripts for the DeepSpeed
+    # launcher too (`deepspeed img2vec/train.py ...`): img2vec-train is the one-process form of it.
+    entry_points={"console_scripts": [
+        "img2vec-train = img2vec.train:main",
+        "img2vec-finetune = img2vec.finetune:main",
+        "img2vec-knn = img2vec.eval.knn:main",
+        "img2vec-linear-probe = img2vec.eval.linear_probe:main",
+        "img2vec-export = img2vec.export:main",
+        "img2vec-visualize = img2vec.visualize:main",
+        "img2vec-diversity = img2vec.diversity:main",
+        "img2vec-memory = img2vec.memory:main",
+        "img2vec-verify = dataloading.verify:main",
+        "img2vec-digits = dataloading.digits:main",
+    ]},
     license="Apache-2.0",
 )

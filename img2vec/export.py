@@ -8,7 +8,12 @@ consolidated on CPU; no process group needed). Load the result in timm with one 
 
     timm.models.VisionTransformer(**json.load(open("DIR/encoder.json"))["timm_kwargs"]).load_state_dict(
         safetensors.torch.load_file("DIR/encoder.safetensors"), strict=True)
+
+encoder.json also carries timm's pretrained_cfg (input size, mean, std, crop, interpolation), so
+`timm.data.resolve_data_config(pretrained_cfg=meta["pretrained_cfg"])` gives the matching transform.
+Both files are written readable by everyone (0644): an export is meant to be shared.
 """
+import json
 import os
 import sys
 
@@ -24,7 +29,27 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> str:
                                 f"checkpoints/latest) or run/checkpoints/<tag>")
     state, timm_kwargs = checkpoint_student_state(ref)  # architecture from the run's config.yaml
     os.makedirs(out_dir, exist_ok=True)
-    return export_encoder(state, timm_kwargs, out_dir)
+    path = export_encoder(state, timm_kwargs, out_dir)
+    complete_export(out_dir)
+    return path
+
+
+def complete_export(out_dir: str) -> None:
+    """Give out_dir/encoder.json its timm pretrained_cfg if it lacks one, and both export files mode 0644
+    (a umask of 077 would otherwise keep a shared export private). Idempotent."""
+    from img2vec.pretrained_cfg import timm_pretrained_cfg
+
+    meta_path = os.path.join(out_dir, "encoder.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if "pretrained_cfg" not in meta:
+        meta["pretrained_cfg"] = timm_pretrained_cfg(meta["timm_kwargs"])
+        tmp = f"{meta_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, meta_path)
+    for name in ("encoder.safetensors", "encoder.json"):
+        os.chmod(os.path.join(out_dir, name), 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,14 @@ def render(image: torch.Tensor, cos: torch.Tensor, masked: torch.Tensor, grid: i
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig = figure(image, cos, masked, grid, title, plt)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(image: torch.Tensor, cos: torch.Tensor, masked: torch.Tensor, grid: int, title: str, plt):
+    """The figure of render(): input, mask, and the per-patch cosine map with a labelled colour bar."""
     import numpy as np
 
     from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
@@ -75,7 +83,7 @@ def render(image: torch.Tensor, cos: torch.Tensor, masked: torch.Tensor, grid: i
     axes[0].imshow(rgb, interpolation="nearest")
     axes[0].set_title("input")
     axes[1].imshow(shown, interpolation="nearest")
-    axes[1].set_title(f"mask ({int(cell.sum())}/{cell.size} masked)")
+    axes[1].set_title(f"mask ({int(cell.sum())}/{cell.size} masked, grey)")
     cmap = plt.get_cmap("RdYlGn").copy()
     cmap.set_bad("white")
     im = axes[2].imshow(heat, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
@@ -83,11 +91,11 @@ def render(image: torch.Tensor, cos: torch.Tensor, masked: torch.Tensor, grid: i
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.04).set_label("cosine similarity")
+    bar = fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.04)
+    bar.set_label("cosine similarity, masked patches\n(1 = right direction, 0 = unrelated)", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _open_rgb(path: str):

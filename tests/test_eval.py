@@ -113,22 +113,29 @@ def test_every_checkpoint_form_loads_the_same_encoder(tmp_path_factory):
     assert not torch.equal(random["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
 
 
-def run_module(module: str, *args: str) -> dict:
+def run_module(module: str, *args: str) -> tuple[str, dict]:
+    """(stdout, the result JSON the command wrote: the path on its last line)."""
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("wrote "), proc.stdout
+    with open(last[len("wrote "):]) as f:
+        return proc.stdout, json.load(f)
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
 def test_knn_and_linear_probe_commands_on_digits(tmp_path_factory):
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
-    knn = run_module("img2vec.eval.knn", "--encoder", str(run), "--data_path", str(data))
-    probe = run_module("img2vec.eval.linear_probe", "--encoder", str(run / "encoder.safetensors"), "--data_path", str(data),
-                       "--epochs", "90")
-    print(f"\ndigits: kNN top1 {knn['knn_top1']:.1f}%, linear probe top1 {probe['top1']:.1f}%")
-    assert knn["knn_top1"] > 50.0 and probe["top1"] > 85.0  # chance is 10%
+    out = tmp_path_factory.mktemp("eval_results")
+    knn_out, knn = run_module("img2vec.eval.knn", "--encoder", str(run), "--data_path", str(data), "--output_dir", str(out))
+    probe_out, probe = run_module("img2vec.eval.linear_probe", "--encoder", str(run / "encoder.safetensors"),
+                                  "--data_path", str(data), "--epochs", "90", "--output_dir", str(out))
+    print(f"\ndigits: kNN top1 {knn['top1']:.1f}%, linear probe top1 {probe['top1']:.1f}%")
+    assert knn["top1"] > 50.0 and probe["top1"] > 85.0  # chance is 10%
+    assert knn_out.startswith(f"knn top-1 {knn['top1']:.2f}%") and (out / "knn.json").is_file()
+    assert probe_out.startswith(f"linear probe top-1 {probe['top1']:.2f}%") and (out / "linear_probe.json").is_file()
 
 
 def test_knn_command_says_what_is_wrong_in_one_line(tmp_path):

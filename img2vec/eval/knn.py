@@ -4,14 +4,16 @@
 
 For each val image: cosine similarity to every train feature, its k nearest train images
 vote for their class with weight exp(sim / T) (T = 0.07), the class with most weight
-wins. Prints one JSON line {"top1": ..., "top5": ...} (percent).
+wins. Prints `knn top-1 70.89%  top-5 97.33%` and writes knn.json (knn_random_init.json for
+--init random) beside the encoder or in --output_dir: {"top1", "top5", ...} in percent
+(img2vec/eval/results.py says where exactly).
 
 `KnnMonitor` is the same evaluation as an in-training metric on a small labeled split;
 train.py calls it every `eval_every` steps.
 """
 from __future__ import annotations
 
-import json
+import os
 import sys
 
 import torch
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from img2vec.eval.common import (POOLS, eval_transform, extract_features, image_folder, load_encoder,
                                  split_dirs)
+from img2vec.eval.results import accuracy_line, result_path, rounded, write_result
 
 
 @torch.no_grad()
@@ -77,11 +80,16 @@ class KnnMonitor:
 
     def __call__(self, encoder: torch.nn.Module, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        """{"knn_top1", "knn_top5"} in percent: the names of the in-training metric (metrics.jsonl)."""
+        return {f"knn_{key}": value for key, value in self.evaluate(encoder, device, dtype).items()}
+
+    def evaluate(self, encoder: torch.nn.Module, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        """{"top1", "top5"} in percent, the names every evaluation's result uses."""
         device = torch.device(device)
         loaders = [DataLoader(split, self.batch_size, shuffle=False, num_workers=0) for split in (self.train, self.val)]
         (train_x, train_y), (val_x, val_y) = (extract_features(encoder, l, self.pool, device, dtype) for l in loaders)
-        result = knn_accuracy(train_x, train_y, val_x, val_y, self.num_classes, self.k, self.temperature)
-        return {f"knn_{key}": value for key, value in result.items()}
+        return knn_accuracy(train_x, train_y, val_x, val_y, self.num_classes, self.k, self.temperature)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="random: the same architecture at a seeded random init (the baseline)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init")
     parser.add_argument(*option_names("batch_size"), type=int, default=256, help="images per forward pass")
+    parser.add_argument(*option_names("output_dir"), default=None,
+                        help="folder for knn.json; default: beside the encoder (its folder or run folder)")
     args = parser.parse_args(argv)
     if args.k <= 0 or args.batch_size <= 0 or args.seed < 0 or not 0 < args.temperature < float("inf"):
         parser.error("--k and --batch_size must be > 0, --seed >= 0, --temperature a finite number > 0")
+    if args.output_dir and os.path.isfile(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} is a file: pass a folder")
     try:
         train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
         encoder = load_encoder(args.encoder, args.init, args.seed)
@@ -112,8 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = monitor(encoder.to(device), device)
-    print(json.dumps({"k": args.k, "pool": args.pool, "init": args.init, **result}))
+    result = monitor.evaluate(encoder.to(device), device)
+    name = "knn" if args.init == "pretrained" else "knn_random_init"
+    label = "knn" if args.init == "pretrained" else "knn (random init)"
+    print(f"{accuracy_line(label, result)}  (k {args.k}, pool {args.pool}; "
+          f"{len(monitor.train)} train / {len(monitor.val)} val images)")
+    path = result_path(args.encoder, name, args.output_dir)
+    record = {"eval": "knn", **rounded(result), "encoder": os.path.abspath(args.encoder), "init": args.init,
+              "seed": args.seed, "train": os.path.abspath(train_dir), "val": os.path.abspath(val_dir),
+              "train_images": len(monitor.train), "val_images": len(monitor.val), "k": args.k,
+              "temperature": args.temperature, "pool": args.pool}
+    try:
+        write_result(path, record)
+    except OSError as e:
+        print(f"error: cannot write {path} ({e.strerror}): pass --output_dir DIR", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
     return 0
 
 

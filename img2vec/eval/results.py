@@ -1,0 +1,55 @@
+"""What an evaluation hands a person: one printed line in percent, and a JSON file beside the encoder.
+
+Every evaluation names its accuracies the same way: "top1" and "top5", percent of the val images
+(knn, linear_probe, finetune). In-training metrics in metrics.jsonl carry a prefix instead
+(knn_top1, verdict_knn_top1), since one row there mixes several sources.
+
+Where the JSON goes, for an encoder given as
+    DIR/encoder.safetensors          DIR/<name>.json
+    RUN_DIR (or an export folder)    RUN_DIR/<name>.json
+    RUN_DIR/checkpoints/<tag>        RUN_DIR/<name>.<tag>.json  (a checkpoint folder is verified
+                                     against its manifest: nothing is added inside it)
+and with --output_dir DIR: DIR/<name>[.<tag>].json. <name> is the evaluation, with
+"_random_init" for the random-init baseline, so the two numbers of a comparison sit side by side.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+TOP1, TOP5 = "top1", "top5"
+
+
+def result_path(encoder: str, name: str, output_dir: str | None = None) -> str:
+    """The JSON path of evaluation `name` (e.g. "knn", "knn_random_init") of `encoder` (see above)."""
+    encoder = os.path.abspath(encoder)
+    parent = os.path.dirname(encoder)
+    if os.path.isfile(encoder):
+        folder, stem = parent, name
+    elif os.path.basename(parent) == "checkpoints":
+        folder, stem = os.path.dirname(parent), f"{name}.{os.path.basename(encoder)}"
+    else:
+        folder, stem = encoder, name
+    return os.path.join(output_dir or folder, f"{stem}.json")
+
+
+def write_result(path: str, result: dict) -> None:
+    """Write `result` as indented JSON, atomically, readable by everyone (0644)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def accuracy_line(label: str, result: dict) -> str:
+    """'knn top-1 70.89%  top-5 97.33%' from a result with "top1" (and "top5")."""
+    line = f"{label} top-1 {result[TOP1]:.2f}%"
+    return line + (f"  top-5 {result[TOP5]:.2f}%" if TOP5 in result else "")
+
+
+def rounded(result: dict, digits: int = 4) -> dict:
+    """Floats rounded for the JSON file (percent of at most a few 100k images needs no more)."""
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in result.items()}
