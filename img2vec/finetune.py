@@ -1,17 +1,26 @@
 """Fine-tune a pretrained encoder for classification (MAE's recipe), under DeepSpeed.
 
-    deepspeed img2vec/finetune.py --ds_config configs/ds_zero2.json --encoder RUN_DIR --data_path ROOT [--key value ...]
-    python img2vec/finetune.py --ds_config configs/ds_zero2.json --encoder RUN_DIR --data_path ROOT   # one process
+    deepspeed img2vec/finetune.py --ds_config configs/ds_finetune.json --config configs/finetune_vit_base.yaml \
+        --encoder RUN_DIR --data_path ROOT [--key value ...]
+    python img2vec/finetune.py --ds_config configs/ds_finetune.json --encoder RUN_DIR --data_path ROOT  # one process
     python img2vec/finetune.py --help                                 # every config key, grouped
 
-The model is timm's VisionTransformer built from the encoder's timm kwargs (so what we
-fine-tune is exactly what a user loads from the export), with a new linear head, drop path,
-and average pooling of the patch tokens after the final norm. Recipe (MAE main_finetune.py):
-AdamW (0.9, 0.999), layer-wise LR decay, lr = base_lr * batch / 256, warmup then half-cosine,
-label smoothing 0.1; mixup / cutmix off by default (--mixup 0.8 --cutmix 1.0 turns them on).
-`--init random` fine-tunes the same architecture from a seeded random init: the baseline.
-The config keys are FinetuneConfig's (img2vec/config.py); set-up, non-finite guard and log
-window are pretraining's (img2vec/runtime.py, img2vec/loop.py).
+The model is timm's VisionTransformer built from the encoder's timm kwargs (what a user loads
+from the export) with a new head and drop path. Pooling is MAE's: `pool avg` averages the patch
+tokens and then applies a new `fc_norm` (timm's default for global_pool="avg"); the pretrained
+final norm is dropped, as MAE's main_finetune.py drops it. `pool cls` keeps the pretrained norm
+and reads the class token. Augmentation is timm's own: create_transform (RandomResizedCrop, flip,
+RandAugment, RandomErasing) and Mixup (mixup / cutmix / label smoothing) with
+SoftTargetCrossEntropy; the presets configs/finetune_vit_*.yaml turn on MAE's values.
+Optimization (MAE main_finetune.py): AdamW (0.9, 0.999), layer-wise LR decay, lr = base_lr *
+batch / 256, warmup then half-cosine. `--init random` fine-tunes the same architecture from a
+seeded random init: the baseline.
+
+Runs like pretraining: checkpoints (img2vec/checkpoint.py), resume from the newest complete one,
+SIGTERM/SIGINT checkpoint and exit 0, the non-finite guard and log window of img2vec/loop.py.
+Resuming is bitwise: each image's augmentation is seeded by (seed, epoch, index), and the
+batch order by (seed, epoch). With no output_dir the run goes to <encoder's run>/finetune
+(`_<tag>` for a checkpoint folder, `_random` for --init random), never to a shared folder.
 
 Writes output_dir/{config.yaml, metrics.jsonl (train loss, lr; val top1/top5 per epoch),
 tensorboard/, checkpoints/ (DeepSpeed), classifier.safetensors + classifier.json (timm kwargs)}.
@@ -20,53 +29,196 @@ import json
 import logging
 import math
 import os
+import random
 import sys
+from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
 
-from img2vec.checkpoint import consolidated_fp32_state_dict, save_checkpoint, step_tag
+from img2vec.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, consolidated_fp32_state_dict,
+                                resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, FinetuneConfig, build_parser, config_from_args, print_config
+from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard
 from img2vec.metrics import MetricsLogger
 from img2vec.optim import cosine_schedule
-from img2vec.runtime import build_engine, launch_world_size, resolve_batch, setup_runtime
+from img2vec.runtime import Runtime, build_engine, launch_world_size, resolve_batch, setup_runtime
 from img2vec.signals import GracefulStop
 
 log = logging.getLogger("img2vec")
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(FinetuneConfig, __doc__.split("\n")[0])
+    parser.add_argument("--ds_config", "--ds-config", required=True,
+                        help="DeepSpeed JSON (engine: precision, ZeRO, clipping; batch unless batch_size/accum_iter)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    try:
+        cfg = with_output_dir(config_from_args(FinetuneConfig, args))
+        resolved = resolve_batch(args.ds_config, cfg, launch_world_size())[1]  # the JSON checked before anything slow
+        if args.print_config:
+            print_config(resolved)
+            return 0
+        classes = class_names(cfg.data_path)
+        rt, cfg = setup_runtime(args.ds_config, cfg)
+        if (cfg.mixup > 0 or cfg.cutmix > 0) and rt.micro_batch % 2:
+            raise ConfigError(f"mixup/cutmix pair each image with another: use an even batch_size, got {rt.micro_batch}")
+        run = build_finetuning(cfg, rt, classes)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+    # Resume: weights, optimizer, RNG states and position come back; batches and augmentations
+    # are functions of (seed, epoch, index), so the continued run sees what an uninterrupted one would.
+    state = {}
+    if cfg.resume:
+        try:
+            state = resume_checkpoint(run.engine, cfg.output_dir, run.ckpt_config, cfg.trust_checkpoint) or {}
+        except CheckpointError as e:
+            log.error("%s", e)
+            return 2
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if rt.rank == 0:
+        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
+        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
+            json.dump(rt.ds_config, f, indent=2)
+    step, result, exit_code = finetune(cfg, rt, run, state)
+    if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
+        return exit_code
+    save_classifier(cfg, rt.rank, step, run, result)
+    return 0
+
+
+# --- Set-up ---------------------------------------------------------------------------------
+
+
+def with_output_dir(cfg: FinetuneConfig) -> FinetuneConfig:
+    """cfg with output_dir set: as given, else beside the encoder's run, one folder per starting
+    point (a random-init baseline never lands in the pretrained fine-tune's folder)."""
+    if cfg.output_dir:
+        return cfg
+    import dataclasses
+
+    path = os.path.abspath(cfg.encoder)
+    run, tag = path, ""
+    if os.path.isfile(path):  # run_dir/encoder.safetensors
+        run = os.path.dirname(path)
+    elif os.path.basename(os.path.dirname(path)) == "checkpoints":  # run_dir/checkpoints/<tag>
+        run, tag = os.path.dirname(os.path.dirname(path)), os.path.basename(path)
+    name = "finetune" + (f"_{tag}" if tag else "") + ("_random" if cfg.init == "random" else "")
+    return dataclasses.replace(cfg, output_dir=os.path.join(run, name))
+
+
+def class_names(data_path: str) -> list[str]:
+    from img2vec.eval.common import image_folder
+
+    train, val = (image_folder(os.path.join(data_path, s), None).classes for s in ("train", "val"))
+    if train != val:
+        raise ConfigError(f"train and val class folders differ in {data_path}")
+    return train
+
+
+@dataclass
+class Finetuning:
+    """Everything the step loop uses, built from the config."""
+    engine: object  # the DeepSpeed engine around the classifier
+    optimizer: torch.optim.Optimizer  # as DeepSpeed wrapped it (param_groups carry lr_scale)
+    guard: NonFiniteGuard
+    loader: object  # DataLoader over SeededSamples; batches: images (B, 3, H, W), labels (B,)
+    sampler: "ResumableSampler"
+    val_set: object
+    mixup: object  # timm Mixup or None
+    criterion: nn.Module
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    timm_kwargs: dict
+    classes: list
+    ckpt_config: dict  # what checkpoints record and resume checks: the config + the architecture
+
+
+def build_finetuning(cfg: FinetuneConfig, rt: Runtime, classes: list[str]) -> Finetuning:
+    """Model, data, optimizer and engine."""
+    from torch.utils.data import DataLoader
+
+    from img2vec.eval.common import eval_transform, image_folder, load_encoder_state
+
+    state, timm_kwargs = load_encoder_state(cfg.encoder, cfg.trust_checkpoint)
+    model, kwargs = build_classifier(state, timm_kwargs, len(classes), cfg.pool, cfg.drop_path, cfg.init, cfg.seed)
+    image_size = kwargs["img_size"]
+    train_set = SeededSamples(image_folder(os.path.join(cfg.data_path, "train"), train_transform(cfg, image_size)),
+                              cfg.seed)
+    val_set = image_folder(os.path.join(cfg.data_path, "val"), eval_transform(image_size))
+    sampler = ResumableSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, rt.micro_batch, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
+                        pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    steps_per_epoch = len(loader) // rt.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} train images make no optimizer step of {rt.global_batch} images: "
+                          f"lower batch_size or accum_iter")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    peak_lr = cfg.base_lr * rt.global_batch / 256  # MAE's linear scaling rule
+    optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay), lr=peak_lr,
+                                  betas=(0.9, 0.999), fused=True)  # fused: the guard's device-side skip
+    guard = NonFiniteGuard(optimizer, rt.device, rt.world_size, cfg.max_nonfinite_steps)
+    arch = {k: None for k in ARCHITECTURE_KEYS}  # pretraining's keys, absent here
+    arch.update(model=f"vit d{kwargs['embed_dim']} L{kwargs['depth']} p{kwargs['patch_size']} "
+                      f"classes {len(classes)} pool {cfg.pool}", image_size=image_size)
+    engine, optimizer = build_engine(model.to(rt.device), optimizer, rt)
+    mixup, criterion = build_mixup(cfg, len(classes))
+    log.info("fine-tune %s (init %s): %d classes, %d train / %d val images, pool %s, drop path %.2f, layer decay "
+             "%.2f, augment %s, mixup %s; %s, %d steps, peak lr %.2e", cfg.encoder, cfg.init, len(classes),
+             len(train_set), len(val_set), cfg.pool, cfg.drop_path, cfg.layer_decay, cfg.auto_augment or "off",
+             "on" if mixup else "off", rt.log_line(), total_steps, peak_lr)
+    return Finetuning(engine, optimizer, guard, loader, sampler, val_set, mixup, criterion, steps_per_epoch,
+                      total_steps, int(cfg.warmup_epochs * steps_per_epoch), peak_lr, kwargs, classes,
+                      {**cfg.to_dict(), **arch})
+
+
 # --- Model: timm VisionTransformer + layer-wise LR decay ------------------------------------
 
 
-def build_classifier(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict]:
-    """timm VisionTransformer with our encoder's weights (or its seeded random init) and a new head."""
+def build_classifier(state: dict, timm_kwargs: dict, num_classes: int, pool: str, drop_path: float,
+                     init: str = "pretrained", seed: int = 0) -> tuple[nn.Module, dict]:
+    """timm VisionTransformer with the encoder's weights (or its seeded random init) and a new head.
+
+    pool "avg" (MAE): mean of the patch tokens, then a new fc_norm; the pretrained final norm is
+    not loaded (timm's `norm` is the identity there), as MAE's main_finetune.py leaves it out.
+    pool "cls": the class token after the pretrained final norm.
+    """
     from timm.models.vision_transformer import VisionTransformer
 
-    from img2vec.eval.common import build_encoder, load_encoder_state
+    from img2vec.eval.common import build_encoder
 
-    state, timm_kwargs = load_encoder_state(cfg.encoder)
-    if cfg.init == "random":  # our init (xavier, sin-cos pos_embed), as the kNN baseline uses
-        torch.manual_seed(cfg.seed)
+    if init == "random":  # our init (xavier, sin-cos pos_embed), as the kNN baseline uses
+        torch.manual_seed(seed)
         state = build_encoder(timm_kwargs).state_dict()
-    kwargs = {**timm_kwargs, "num_classes": num_classes, "drop_path_rate": cfg.drop_path,
-              "global_pool": "avg" if cfg.pool == "avg" else "token", "fc_norm": False}
-    torch.manual_seed(cfg.seed)
+    kwargs = {**timm_kwargs, "num_classes": num_classes, "drop_path_rate": drop_path,
+              "global_pool": "avg" if pool == "avg" else "token", "fc_norm": None}  # None: timm's default
+    torch.manual_seed(seed)
     model = VisionTransformer(**kwargs)
+    if pool == "avg":
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and sorted(missing) == ["head.bias", "head.weight"], (missing, unexpected)
+    fresh = {"head.bias", "head.weight"} | ({"fc_norm.bias", "fc_norm.weight"} if pool == "avg" else set())
+    assert not unexpected and set(missing) == fresh, (missing, unexpected)
     nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE: a near-zero head
     nn.init.zeros_(model.head.bias)
     return model, kwargs
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """0 for the embeddings, i + 1 for blocks.i, num_layers for the final norm and head (MAE lrd)."""
+    """0 for the embeddings, i + 1 for blocks.i, num_layers for the final norms and head (MAE lrd)."""
     if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
         return 0
     if name.startswith("blocks."):
@@ -89,175 +241,200 @@ def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float) 
     return list(groups.values())
 
 
-# --- Data ----------------------------------------------------------------------------------
+# --- Data: timm's transforms and mixup, seeded per image -------------------------------------
 
 
-def train_transform(image_size: int, crop_scale_min: float, hflip: float):
-    import torchvision.transforms as T
+def train_transform(cfg: FinetuneConfig, image_size: int):
+    """timm.data.create_transform as MAE's util/datasets.py calls it: RandomResizedCrop (bicubic),
+    flip, RandAugment when auto_augment is set, normalize, RandomErasing when re_prob > 0. No
+    colour jitter (MAE passes None; timm would add 0.4 without RandAugment)."""
+    from timm.data import create_transform
 
     from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
 
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0),
-                                          interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(hflip), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return create_transform(image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
+                            color_jitter=None, auto_augment=cfg.auto_augment or None, interpolation="bicubic",
+                            re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, val_set, rank: int, world_size: int, device, dtype, batch: int) -> dict[str, float]:
-    """Top-1/top-5 over the whole val split: rank r scores images r, r + W, ...; counts all-reduced."""
-    from torch.utils.data import DataLoader, Subset
+def build_mixup(cfg: FinetuneConfig, num_classes: int):
+    """(timm Mixup or None, the loss): with mixup or cutmix, Mixup with MAE's arguments (switch
+    prob 0.5, per batch; it smooths the labels) and SoftTargetCrossEntropy; else cross-entropy
+    with label smoothing (timm's LabelSmoothingCrossEntropy, as MAE)."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    model.eval()
-    counts = torch.zeros(3, device=device, dtype=torch.float64)  # top1 hits, top5 hits, images
-    shard = Subset(val_set, list(range(rank, len(val_set), world_size)))
-    for images, labels in DataLoader(shard, batch, num_workers=0):
-        logits = model(images.to(device, dtype)).float()  # (B, classes)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()  # (B, 5)
-        hits = top5 == labels.unsqueeze(1)
-        counts += torch.tensor([hits[:, 0].sum(), hits.any(1).sum(), len(labels)], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)  # the sync point of an evaluation
-    model.train()
-    return {"val_top1": 100.0 * (counts[0] / counts[2]).item(), "val_top5": 100.0 * (counts[1] / counts[2]).item()}
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                      label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    return None, nn.CrossEntropyLoss()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(FinetuneConfig, __doc__.split("\n")[0])
-    parser.add_argument("--ds_config", "--ds-config", required=True,
-                        help="DeepSpeed JSON (engine: precision, ZeRO, clipping; batch unless batch_size/accum_iter)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(FinetuneConfig, args)
-        resolved = resolve_batch(args.ds_config, cfg, launch_world_size())[1]  # the JSON checked before anything slow
-        if args.print_config:
-            print_config(resolved)
-            return 0
-        from img2vec.eval.common import eval_transform, image_folder
+class SeededSamples(Dataset):
+    """dataset[(epoch, index)] = base[index] with the augmentation's python, NumPy and torch (CPU)
+    RNGs seeded by (seed, epoch, index), and the caller's RNG states put back: an image's
+    augmentation depends on nothing else (not the worker, not where a run resumed)."""
 
-        val_probe = image_folder(os.path.join(cfg.data_path, "val"), None)
-        train_probe = image_folder(os.path.join(cfg.data_path, "train"), None)
-        if train_probe.classes != val_probe.classes:
-            raise ConfigError(f"train and val class folders differ in {cfg.data_path}")
-        rt, cfg = setup_runtime(args.ds_config, cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if rt.rank == 0:
-        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
+    def __init__(self, base, seed: int):
+        self.base, self.seed, self.classes = base, seed, base.classes
 
-    # --- Model, data, optimizer, engine ----------------------------------------------------------
-    model, timm_kwargs = build_classifier(cfg, len(val_probe.classes))
-    image_size = timm_kwargs["img_size"]
-    train_set = image_folder(os.path.join(cfg.data_path, "train"),
-                             train_transform(image_size, cfg.crop_scale_min, cfg.hflip))
-    val_set = image_folder(os.path.join(cfg.data_path, "val"), eval_transform(image_size))
-    loader, sampler = train_loader(train_set, cfg, rt)
-    steps_per_epoch = len(loader) // rt.accum_steps
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-    mixup_fn = build_mixup(cfg, len(train_set.classes))
-    peak_lr = cfg.base_lr * rt.global_batch / 256
-    optimizer = torch.optim.AdamW(param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay), lr=peak_lr,
-                                  betas=(0.9, 0.999), fused=True)  # fused: the guard's device-side skip
-    guard = NonFiniteGuard(optimizer, rt.device, rt.world_size, max_in_a_row=5)
-    engine, optimizer = build_engine(model, optimizer, rt)
-    log.info("fine-tune %s (init %s): %d classes, %d train / %d val images, pool %s, drop path %.2f, "
-             "layer decay %.2f; %s, %d steps, peak lr %.2e", cfg.encoder, cfg.init, len(train_set.classes),
-             len(train_set), len(val_set), cfg.pool, cfg.drop_path, cfg.layer_decay, rt.log_line(), total_steps,
-             peak_lr)
+    def __len__(self) -> int:
+        return len(self.base)
 
-    # --- Loop: MAE's train_one_epoch, then an evaluation per epoch --------------------------------
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):  # CPU generator only: a worker-less loader runs in the trainer
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.base[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (a seeded shuffle per epoch) that yields (epoch, index) for SeededSamples
+    and can start an epoch part-way: set_epoch(epoch, start) skips this rank's first `start` indices."""
+
+    start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+# --- The step loop ----------------------------------------------------------------------------
+
+
+def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> tuple[int, dict, int | None]:
+    """Optimizer steps from the resumed step to run.total_steps, an evaluation after each epoch.
+    Returns (step, last evaluation, None) when done, or (step, evaluation, exit code) when a
+    signal (0) or a streak of non-finite losses (3) stopped the run."""
+    step, result = state.get("step", 0), state.get("result", {})
+    run.guard.total = state.get("skipped_steps", 0)
     stop = GracefulStop()
-    metrics = MetricsLogger(cfg.output_dir, total_steps, 0, enabled=rt.rank == 0, desc="finetune")
-    window = LogWindow(rt.device, cfg.log_every, total_steps, rt.micro_batch, rt.accum_steps, rt.world_size)
-    step, micro_step, epoch, result = 0, 0, 0, {}
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        for images, labels in loader:
+    metrics = MetricsLogger(cfg.output_dir, run.total_steps, step, enabled=rt.rank == 0, desc="finetune")
+    window = LogWindow(rt.device, cfg.log_every, run.total_steps, rt.micro_batch, rt.accum_steps, rt.world_size)
+    while step < run.total_steps:
+        epoch, offset = divmod(step, run.steps_per_epoch)
+        run.sampler.set_epoch(epoch, offset * rt.accum_steps * rt.micro_batch)
+        micro_step = 0
+        for images, labels in run.loader:
             images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
-            if mixup_fn is not None:
-                images, soft = mixup_fn(images, labels)  # soft: (B, classes)
-            lr = cosine_schedule(step, total_steps, warmup_steps, peak_lr, cfg.min_lr)
-            for group in optimizer.param_groups:
+            target = labels
+            if run.mixup is not None:
+                images, target = run.mixup(images, labels)  # target: (B, classes), smoothed and mixed
+            lr = cosine_schedule(step, run.total_steps, run.warmup_steps, run.peak_lr, cfg.min_lr)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            logits = engine(images.to(rt.dtype)).float()  # (B, classes)
-            if mixup_fn is not None:
-                loss = torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            engine.backward(loss)
-            finite = guard.check(loss)
-            if (micro_step + 1) % rt.accum_steps == 0:
-                guard.arm()
-            engine.step()
+            logits = run.engine(images.to(rt.dtype)).float()  # (B, classes)
+            loss = run.criterion(logits, target)
+            run.engine.backward(loss)
+            finite = run.guard.check(loss)
+            if (micro_step + 1) % rt.accum_steps == 0:  # the optimizer steps in engine.step() below
+                run.guard.arm()
+            run.engine.step()
             window.add(loss, finite)
             micro_step += 1
             if micro_step % rt.accum_steps:
                 continue
             step += 1
-            guard.end_step()
+            run.guard.end_step()
             metrics.advance()
-            if window.due(step):
-                n_skipped, in_a_row = guard.read()
-                row = window.close(step, n_skipped)
-                metrics.log(step, {"epoch": epoch, "loss": row["loss"], "lr": lr, "img_per_s": row["img_per_s"],
-                                   "skipped_steps": guard.total, **({"skipped": n_skipped} if n_skipped else {})})
-                if guard.exhausted(in_a_row):
-                    log.error("the loss was not finite for %d steps in a row (up to step %d): stopping; "
-                              "lower base_lr", in_a_row, step)
-                    metrics.close()
-                    return 3
-            if stop.requested or step == total_steps:
+            if window.due(step) and not log_window(cfg, step, lr, epoch, window, run.guard, metrics):
+                metrics.close()
+                return step, result, 3
+            epoch_done = step % run.steps_per_epoch == 0 or step == run.total_steps
+            if epoch_done:  # before the checkpoint: a run resumed from it never misses this evaluation
+                result = evaluate(run.engine.module, run.val_set, rt, cfg.seed)
+                metrics.log(step, {"epoch": epoch + 1, **result})
+                log.info("epoch %d: val top1 %.2f%%, top5 %.2f%%", epoch + 1, result["val_top1"], result["val_top5"])
+            stopping = stop.requested
+            if rt.world_size > 1:  # all ranks must stop at the same step: agree where they sync anyway
+                stopping = (step % cfg.log_every == 0 or epoch_done) and agree_any(stopping, rt.device)
+            if (step % cfg.ckpt_every == 0 if cfg.ckpt_every else epoch_done) or step == run.total_steps or stopping:
+                save_checkpoint(run.engine, cfg.output_dir, step, {"config": run.ckpt_config, "result": result,
+                                                                    "skipped_steps": run.guard.total}, cfg.keep_last)
+            if stopping:
+                metrics.close()
+                log.warning("stopped by %s at step %d; checkpoint written. Rerun the same command to resume",
+                            stop.signal_name or "a signal on another rank", step)
+                return step, result, 0
+            if epoch_done:
                 break
-        if stop.requested:  # no mid-run resume for fine-tuning: keep what was learned, say so
-            log.warning("stopped by %s at step %d of %d; saving the classifier as it is", stop.signal_name,
-                        step, total_steps)
-            break
-        epoch += 1
-        result = evaluate(engine.module, val_set, rt.rank, rt.world_size, rt.device, rt.dtype, rt.micro_batch)
-        metrics.log(step, {"epoch": epoch, **result})
-        if rt.rank == 0:
-            log.info("epoch %d: val top1 %.2f%%, top5 %.2f%%", epoch, result["val_top1"], result["val_top5"])
     metrics.close()
-    save_classifier(engine, cfg, rt.rank, step, timm_kwargs, train_set.classes, result)
-    return 0
+    return step, result, None
 
 
-def train_loader(train_set, cfg: FinetuneConfig, rt):
-    """Each rank its DistributedSampler shard of a seeded per-epoch shuffle; (loader, sampler)."""
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    sampler = DistributedSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_set, rt.micro_batch, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-                        pin_memory=rt.device.type == "cuda", persistent_workers=False)
-    return loader, sampler
-
-
-def build_mixup(cfg: FinetuneConfig, num_classes: int):
-    if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        return None
-    from timm.data import Mixup
-
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                 num_classes=num_classes)
+def log_window(cfg: FinetuneConfig, step: int, lr: float, epoch: int, window: LogWindow, guard: NonFiniteGuard,
+               metrics: MetricsLogger) -> bool:
+    """Log the window's metrics (the host sync of a log interval); False: stop, the loss has not
+    been finite for max_nonfinite_steps steps in a row."""
+    n_skipped, in_a_row = guard.read()
+    row = window.close(step, n_skipped)
+    metrics.log(step, {"epoch": epoch, "loss": row["loss"], "lr": lr, "img_per_s": row["img_per_s"],
+                       "skipped_steps": guard.total, **({"skipped": n_skipped} if n_skipped else {})})
+    if n_skipped:
+        log.warning("step %d: %d step(s) skipped for a non-finite loss (%d in all)", step, n_skipped, guard.total)
+    if guard.exhausted(in_a_row):
+        log.error("the loss was not finite for %d steps in a row (up to step %d): stopping. The last good "
+                  "checkpoint is in %s; lower base_lr, then rerun to resume", in_a_row, step,
+                  os.path.join(cfg.output_dir, "checkpoints"))
+        return False
+    return True
 
 
-def save_classifier(engine, cfg: FinetuneConfig, rank: int, step: int, timm_kwargs: dict, classes: list,
-                    result: dict) -> None:
-    """fp32 master weights as a timm state dict (head included) + classifier.json (rank 0)."""
-    save_checkpoint(engine, cfg.output_dir, step, {"step": step, "config": cfg.to_dict()})
+@torch.no_grad()
+def evaluate(model: nn.Module, val_set, rt: Runtime, seed: int) -> dict[str, float]:
+    """Top-1/top-5 over the whole val split: rank r scores images r, r + W, ...; counts all-reduced.
+    The loader draws from its own generator: an evaluation leaves the training RNGs untouched."""
+    from torch.utils.data import DataLoader, Subset
+
+    model.eval()
+    counts = torch.zeros(3, device=rt.device, dtype=torch.float64)  # top1 hits, top5 hits, images
+    shard = Subset(val_set, list(range(rt.rank, len(val_set), rt.world_size)))
+    for images, labels in DataLoader(shard, rt.micro_batch, num_workers=0, generator=torch.Generator().manual_seed(seed)):
+        logits = model(images.to(rt.device, rt.dtype)).float()  # (B, classes)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()  # (B, 5)
+        hits = top5 == labels.unsqueeze(1)
+        counts += torch.tensor([hits[:, 0].sum(), hits.any(1).sum(), len(labels)], dtype=torch.float64,
+                               device=rt.device)
+    dist.all_reduce(counts)  # the sync point of an evaluation
+    model.train()
+    return {"val_top1": 100.0 * (counts[0] / counts[2]).item(), "val_top5": 100.0 * (counts[1] / counts[2]).item()}
+
+
+# --- The end of a run -------------------------------------------------------------------------
+
+
+def save_classifier(cfg: FinetuneConfig, rank: int, step: int, run: Finetuning, result: dict) -> None:
+    """fp32 master weights of the last checkpoint as a timm state dict (head included) and
+    classifier.json (rank 0)."""
     dist.barrier()
     if rank == 0:
         from safetensors.torch import save_file
 
-        state = consolidated_fp32_state_dict(cfg.output_dir, step_tag(step), {})
+        state = consolidated_fp32_state_dict(cfg.output_dir, step_tag(step), {}, cfg.trust_checkpoint)
         save_file({k: v.float().contiguous() for k, v in state.items()},
                   os.path.join(cfg.output_dir, "classifier.safetensors"))
         with open(os.path.join(cfg.output_dir, "classifier.json"), "w") as f:
-            json.dump({"timm_class": "timm.models.vision_transformer.VisionTransformer", "timm_kwargs": timm_kwargs,
-                       "classes": classes, **result}, f, indent=2)
+            json.dump({"timm_class": "timm.models.vision_transformer.VisionTransformer",
+                       "timm_kwargs": run.timm_kwargs, "classes": run.classes, **result}, f, indent=2)
         log.info("done: %d steps, val top1 %.2f%%; classifier at %s", step, result.get("val_top1", math.nan),
                  os.path.join(cfg.output_dir, "classifier.safetensors"))
     dist.barrier()
