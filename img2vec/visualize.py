@@ -84,8 +84,7 @@ def figure(image: torch.Tensor, cos: torch.Tensor, masked: torch.Tensor, grid: i
     axes[0].set_title("input")
     axes[1].imshow(shown, interpolation="nearest")
     axes[1].set_title(f"mask ({int(cell.sum())}/{cell.size} masked, grey)")
-    cmap = plt.get_cmap("RdYlGn").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="white")  # visible patches: blank
     im = axes[2].imshow(heat, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     axes[2].set_title(f"cos(pred, target), mean {np.nanmean(heat):.2f}")
     for ax in axes:

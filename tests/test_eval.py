@@ -211,3 +211,83 @@ def test_eval_commands_refuse_impossible_values_in_one_line(module, args, capsys
     with pytest.raises(SystemExit) as info:
         importlib.import_module(module).main(["--encoder", "x", "--data_path", "y", *args])
     assert info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# --- What the eval commands print and write (a tiny export and a tiny ImageFolder: seconds) ---------
+
+
+def tiny_export(folder) -> None:
+    from img2vec.checkpoint import export_encoder
+    from img2vec.vit import VitEncoder
+
+    torch.manual_seed(0)
+    encoder = VitEncoder(16, 8, 32, 1, 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    export_encoder({f"encoder.{k}": v for k, v in encoder.state_dict().items()}, encoder.timm_kwargs(), str(folder))
+
+
+def tiny_image_folder(root) -> None:
+    """root/{train,val}/{dark,bright}/*.png, 16x16: two classes any encoder can tell apart a little."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("val", 3)):
+        for label, (low, high) in (("dark", (0, 80)), ("bright", (170, 256))):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(low, high, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+
+
+@pytest.mark.parametrize("module, name", [("img2vec.eval.knn", "knn"), ("img2vec.eval.linear_probe", "linear_probe")])
+def test_eval_commands_print_percent_and_write_json_beside_the_encoder(module, name, tmp_path, capsys):
+    import importlib
+    import re
+
+    tiny_export(tmp_path / "export")
+    tiny_image_folder(tmp_path / "data")
+    main = importlib.import_module(module).main
+    extra = ["--epochs", "2", "--warmup_epochs", "1"] if name == "linear_probe" else ["--k", "3"]
+    args = ["--encoder", str(tmp_path / "export" / "encoder.safetensors"), "--data_path", str(tmp_path / "data"), *extra]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    label = name.replace("_", " ")
+    match = re.match(rf"{label} top-1 (\d+\.\d\d)%  top-5 (\d+\.\d\d)%  \(", lines[0])
+    assert match, lines  # percent with two decimals, not a long float
+    path = tmp_path / "export" / f"{name}.json"
+    assert lines[-1] == f"wrote {path}" and oct(path.stat().st_mode & 0o777) == "0o644"
+    result = json.loads(path.read_text())
+    assert result["eval"] == name and result["init"] == "pretrained" and result["val_images"] == 6
+    assert f"{result['top1']:.2f}" == match.group(1) and f"{result['top5']:.2f}" == match.group(2)
+    assert result["top5"] == 100.0  # two classes: the right one is always among the top 5
+
+    # The random-init baseline goes beside it under its own name; --output_dir moves both.
+    assert main([*args, "--init", "random", "--output_dir", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.startswith(f"{label} (random init) top-1 ")
+    assert json.loads((tmp_path / "out" / f"{name}_random_init.json").read_text())["init"] == "random"
+
+
+def test_knn_command_reports_what_knn_monitor_measures(tmp_path, capsys):
+    from img2vec.eval.knn import KnnMonitor, main
+
+    tiny_export(tmp_path / "export")
+    tiny_image_folder(tmp_path / "data")
+    assert main(["--encoder", str(tmp_path / "export"), "--data_path", str(tmp_path / "data"), "--k", "3"]) == 0
+    written = json.loads((tmp_path / "export" / "knn.json").read_text())
+    monitor = KnnMonitor(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "val"), 16, k=3)
+    measured = monitor.evaluate(load_encoder(str(tmp_path / "export")))
+    assert written["top1"] == round(measured["top1"], 4) and written["top5"] == round(measured["top5"], 4)
+    assert monitor(load_encoder(str(tmp_path / "export"))) == {f"knn_{k}": v for k, v in measured.items()}
+
+
+def test_result_path_puts_the_json_beside_each_encoder_form(tmp_path):
+    from img2vec.eval.results import result_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000050").mkdir(parents=True)
+    (run / "encoder.safetensors").write_bytes(b"")
+    assert result_path(str(run / "encoder.safetensors"), "knn") == str(run / "knn.json")
+    assert result_path(str(run), "knn") == str(run / "knn.json")
+    assert result_path(str(run / "checkpoints" / "step_000050"), "knn") == str(run / "knn.step_000050.json")
+    assert result_path(str(run / "checkpoints" / "step_000050"), "knn", str(tmp_path / "o")) == \
+        str(tmp_path / "o" / "knn.step_000050.json")

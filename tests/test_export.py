@@ -71,3 +71,35 @@ def test_export_help_and_usage_errors_are_one_line(tmp_path):
     proc = export("--encoder", str(tmp_path), "--output_dir", str(tmp_path / "file"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: --output_dir {tmp_path / 'file'} is a file: pass a folder"]
+
+
+def test_an_export_carries_timm_pretrained_cfg_and_is_readable_by_everyone(tmp_path):
+    # An export made under a private umask (077, common on shared clusters) is still 0644, and timm's
+    # own data pipeline, from encoder.json alone, prepares images exactly as our evaluation does.
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from img2vec.checkpoint import export_encoder
+    from img2vec.eval.common import eval_transform
+    from img2vec.export import complete_export
+    from img2vec.vit import VitEncoder
+
+    encoder = VitEncoder(32, 8, 32, 1, 2)
+    old = os.umask(0o077)
+    try:
+        export_encoder({f"encoder.{k}": v for k, v in encoder.state_dict().items()}, encoder.timm_kwargs(),
+                       str(tmp_path))
+        complete_export(str(tmp_path))
+    finally:
+        os.umask(old)
+    assert {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in ("encoder.safetensors", "encoder.json")} \
+        == {"encoder.safetensors": "0o644", "encoder.json": "0o644"}
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    config = resolve_data_config(pretrained_cfg=meta["pretrained_cfg"])
+    assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 1.0  # timm's defaults: 224, 0.875
+    image = Image.fromarray(torch.randint(0, 256, (45, 60, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(0)).numpy())
+    torch.testing.assert_close(create_transform(**config)(image), eval_transform(32)(image), atol=1e-6, rtol=0)
+    before = (tmp_path / "encoder.json").read_bytes()
+    complete_export(str(tmp_path))  # idempotent
+    assert (tmp_path / "encoder.json").read_bytes() == before
