@@ -9,7 +9,10 @@ log = logging.getLogger("img2vec")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, cls/mask tokens (MAE); frozen params out."""
+    """AdamW groups: no weight decay on biases, norms, cls/mask tokens; frozen params out.
+
+    MAE's pretraining decays its (1, 1, D) cls and mask tokens (it exempts 1-D parameters only);
+    we exempt them as timm, DeiT, BEiT and MAE's own fine-tuning do (docs/recipes.md)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -50,7 +53,10 @@ def skip_step_if(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> N
 
 
 def cosine_schedule(step: int, total_steps: int, warmup_steps: int, peak: float, final: float) -> float:
-    """Linear warmup to `peak` (step 0 already moves), then half-cosine from `peak` to `final`."""
+    """Linear warmup to `peak` (step 0 already moves), then half-cosine from `peak` to `final`.
+
+    MAE's lr_sched runs its first step at lr 0: each warmup step here gets MAE's lr of the next
+    step; after warmup the two are equal (docs/recipes.md)."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
