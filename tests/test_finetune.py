@@ -290,7 +290,7 @@ def test_finetune_resumes_bitwise_after_sigterm(tmp_path):
     """12 images per step... 12 steps (one epoch is 12 steps of 4): stopped by SIGTERM part-way,
     then the same command again, ends with the same weights bit for bit as a run never stopped.
     With mixup, cutmix, RandAugment, RandomErasing and drop path on: every RNG must line up."""
-    recipe = ("--max_steps", "14", "--auto_augment", "rand-m9-mstd0.5-inc1", "--re_prob", "0.25",
+    recipe = ("--max_steps", "14", "--base_lr", "0.05", "--auto_augment", "rand-m9-mstd0.5-inc1", "--re_prob", "0.25",
               "--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1", "--ckpt_every", "5")
     whole = tmp_path / "whole"
     run_finetune(tmp_path, whole, *recipe)
