@@ -309,7 +309,12 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> targets (B, N, C) fp32, N = (H // p) * (W // p), row-major."""
+        """images (B, 3, H, W) -> targets (B, N, C), N = (H // p) * (W // p), row-major.
+
+        A strided view of the feature map, not a copy: bf16 and channels_last on CUDA (so the view
+        is dense along C and the fused loss reads it in place), fp32 elsewhere. Resampling to the
+        patch grid, when the stride differs from p, runs in fp32 first.
+        """
         B, _, H, W = images.shape
         gh, gw = H // self.patch_size, W // self.patch_size
         s = self.stride
@@ -324,12 +329,12 @@ class Teacher(nn.Module):
                 fmap = self.backbone(images)[0]  # (B, C, h, w); ViT: patch tokens, prefix dropped
         else:
             fmap = self.backbone(images)[0]  # (B, C, h, w)
-        fmap = fmap.float()
         h, w = fmap.shape[-2:]
         if (h, w) != (gh, gw):
+            fmap = fmap.float()
             if h >= gh and w >= gw:  # finer stage (stride < p): average the cells of a patch
                 fmap = F.adaptive_avg_pool2d(fmap, (gh, gw))
             else:  # coarser stage (stride > p): upsample, smooth between cell centers
                 fmap = F.interpolate(fmap, size=(gh, gw), mode="bilinear", align_corners=False)
         # (B, C, gh, gw) -> (B, N, C); patch index = row * gw + col, as ViT's patch_embed
-        return fmap.flatten(2).transpose(1, 2).contiguous()
+        return fmap.flatten(2).transpose(1, 2)
