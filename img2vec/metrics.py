@@ -175,7 +175,8 @@ def loss_figure(rows: list[dict], plt):
         return None
     div = [r for r in train if "div_pred" in r and "div_target" in r]
     knn = _latest_per_step([r for r in rows if "knn_top1" in r])
-    heights = [3] + [1.6] * (bool(div) + bool(knn))
+    verdict = _latest_per_step([r for r in rows if "verdict_knn_top1" in r])  # the end-of-run learning check
+    heights = [3] + [1.6] * (bool(div) + bool(knn or verdict))
     fig, axes = plt.subplots(len(heights), 1, sharex=True, squeeze=False, figsize=(7, 1 + sum(heights)),
                              gridspec_kw={"height_ratios": heights})
     axes = list(axes[:, 0])
@@ -199,10 +200,18 @@ def loss_figure(rows: list[dict], plt):
         d_ax.set_ylabel("token diversity")
         d_ax.legend(loc="best", fontsize=8)
         panel += 1
-    if knn:
+    if knn or verdict:
         k_ax = axes[panel]
-        k_ax.plot([r["step"] for r in knn], [r["knn_top1"] for r in knn], "o-", color="tab:purple",
-                  label="kNN top-1")
+        if knn:
+            k_ax.plot([r["step"] for r in knn], [r["knn_top1"] for r in knn], "o-", color="tab:purple",
+                      label="kNN top-1 (eval_data)")
+        if verdict:
+            v_steps = [r["step"] for r in verdict]
+            k_ax.plot(v_steps, [r["verdict_knn_top1"] for r in verdict], "s", color="tab:blue",
+                      label="verdict: pretrained")
+            if all("verdict_knn_top1_random_init" in r for r in verdict):
+                k_ax.plot(v_steps, [r["verdict_knn_top1_random_init"] for r in verdict], "x", color="tab:gray",
+                          label="verdict: random init")
         k_ax.set_ylabel("kNN top-1 (%)")
         k_ax.legend(loc="best", fontsize=8)
     for step, label in restarts(rows):

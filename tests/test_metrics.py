@@ -73,6 +73,7 @@ def test_the_loss_figure_shows_diversity_knn_and_markers_with_legends():
     rows = [{"step": s, **interval(s, div_pred=0.2, div_target=0.4)} for s in (5, 10, 15, 20)]
     rows.insert(2, {"step": 10, "event": "resumed", "total_steps": 30, "previous_total_steps": 20})
     rows += [{"step": 10, "knn_top1": 40.0, "knn_top5": 80.0}, {"step": 20, "knn_top1": 60.0, "knn_top5": 90.0}]
+    rows += [{"step": 20, "verdict_knn_top1": 55.0, "verdict_knn_top1_random_init": 30.0}]
     fig = loss_figure(rows, plt)
     panels = [ax for ax in fig.axes if ax.get_ylabel() != "learning rate"]
     assert [ax.get_ylabel() for ax in panels] == ["masked feature loss", "token diversity", "kNN top-1 (%)"]
@@ -80,6 +81,8 @@ def test_the_loss_figure_shows_diversity_knn_and_markers_with_legends():
     assert legend == ["loss", "learning rate", "extended to 30 steps"]
     assert [t.get_text() for t in panels[1].get_legend().get_texts()] == ["div_pred (student)", "div_target (teacher)"]
     assert list(panels[2].get_lines()[0].get_ydata()) == [40.0, 60.0]
+    assert [t.get_text() for t in panels[2].get_legend().get_texts()] == [
+        "kNN top-1 (eval_data)", "verdict: pretrained", "verdict: random init"]
     assert all(10 in [line.get_xdata()[0] for line in ax.get_lines()[1:]] for ax in panels)  # the marker, everywhere
     plt.close(fig)
 
