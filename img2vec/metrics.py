@@ -104,6 +104,12 @@ class MetricsLogger:
                 log.info("%s", line)
 
 
+def append_event(jsonl_path: str, step: int, name: str, **fields) -> None:
+    """Append {"step", "event": name, **fields} to metrics.jsonl (rank 0, before the run's logger opens it)."""
+    with open(jsonl_path, "a") as f:
+        f.write(json.dumps({"step": step, "event": name, **fields}) + "\n")
+
+
 def _duration(seconds: int) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)

@@ -10,7 +10,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from img2vec.metrics import MetricsLogger, loss_figure, plot_loss_curve, read_rows, restarts  # noqa: E402
+from img2vec.metrics import MetricsLogger, append_event, loss_figure, plot_loss_curve, read_rows, restarts  # noqa: E402
 
 
 def interval(step: int, **extra) -> dict:
@@ -51,8 +51,10 @@ def test_events_are_rows_without_a_loss(tmp_path):
     metrics = MetricsLogger(str(tmp_path), total_steps=10, start_step=4, enabled=True, bar=False)
     metrics.event(4, "resumed", total_steps=10, previous_total_steps=8)
     metrics.close()
+    append_event(str(tmp_path / "metrics.jsonl"), 6, "resumed", total_steps=12)
     assert read_rows(str(tmp_path / "metrics.jsonl")) == [
-        {"step": 4, "event": "resumed", "total_steps": 10, "previous_total_steps": 8}]
+        {"step": 4, "event": "resumed", "total_steps": 10, "previous_total_steps": 8},
+        {"step": 6, "event": "resumed", "total_steps": 12}]
     assert not MetricsLogger(str(tmp_path / "other"), 10, 0, enabled=False).enabled  # other ranks: nothing
     assert not (tmp_path / "other").exists()
 
