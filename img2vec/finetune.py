@@ -47,7 +47,7 @@ from img2vec.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, consolidated
                                 resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, FinetuneConfig, build_parser, config_from_args, print_config
 from img2vec.distributed import agree_any
-from img2vec.loop import LogWindow, NonFiniteGuard
+from img2vec.loop import LogWindow, NonFiniteGuard, log_window
 from img2vec.metrics import MetricsLogger
 from img2vec.optim import cosine_schedule
 from img2vec.runtime import Runtime, build_engine, launch_world_size, resolve_batch, setup_runtime
@@ -356,7 +356,8 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> 
             step += 1
             run.guard.end_step()
             metrics.advance()
-            if window.due(step) and not log_window(cfg, step, lr, epoch, window, run.guard, metrics):
+            if window.due(step) and not log_window(step, window, run.guard, metrics, {"lr": lr, "epoch": epoch},
+                                                   cfg.output_dir):
                 metrics.close()
                 return step, result, 3
             epoch_done = step % run.steps_per_epoch == 0 or step == run.total_steps
@@ -379,24 +380,6 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> 
                 break
     metrics.close()
     return step, result, None
-
-
-def log_window(cfg: FinetuneConfig, step: int, lr: float, epoch: int, window: LogWindow, guard: NonFiniteGuard,
-               metrics: MetricsLogger) -> bool:
-    """Log the window's metrics (the host sync of a log interval); False: stop, the loss has not
-    been finite for max_nonfinite_steps steps in a row."""
-    n_skipped, in_a_row = guard.read()
-    row = window.close(step, n_skipped)
-    metrics.log(step, {"epoch": epoch, "loss": row["loss"], "lr": lr, "img_per_s": row["img_per_s"],
-                       "skipped_steps": guard.total, **({"skipped": n_skipped} if n_skipped else {})})
-    if n_skipped:
-        log.warning("step %d: %d step(s) skipped for a non-finite loss (%d in all)", step, n_skipped, guard.total)
-    if guard.exhausted(in_a_row):
-        log.error("the loss was not finite for %d steps in a row (up to step %d): stopping. The last good "
-                  "checkpoint is in %s; lower base_lr, then rerun to resume", in_a_row, step,
-                  os.path.join(cfg.output_dir, "checkpoints"))
-        return False
-    return True
 
 
 @torch.no_grad()

@@ -3,12 +3,16 @@
 Both keep their counters on the device and read them only at log intervals: the loop never
 waits for the GPU between steps (nanoGPT's rule; MAE's per-step `loss.item()` is what we avoid).
 """
+import logging
+import os
 import time
 
 import torch
 import torch.distributed as dist
 
 from img2vec.optim import skip_step_if
+
+log = logging.getLogger("img2vec")
 
 
 class NonFiniteGuard:
@@ -91,3 +95,21 @@ class LogWindow:
         self.loss_sum.zero_()
         self.start, self.images = time.perf_counter(), 0
         return row
+
+
+def log_window(step: int, window: LogWindow, guard: NonFiniteGuard, metrics, extra: dict, output_dir: str) -> bool:
+    """Log the window's loss and throughput with `extra` (lr, epoch, ...) to `metrics` (a
+    MetricsLogger): the host sync of a log interval. False: stop, the loss has not been finite for
+    guard.max_in_a_row steps in a row (the last good checkpoint is in output_dir/checkpoints)."""
+    n_skipped, in_a_row = guard.read()
+    row = window.close(step, n_skipped)
+    metrics.log(step, {"loss": row["loss"], **extra, "img_per_s": row["img_per_s"], "skipped_steps": guard.total,
+                       **({"skipped": n_skipped} if n_skipped else {})})
+    if n_skipped:
+        log.warning("step %d: %d step(s) skipped for a non-finite loss (%d in all)", step, n_skipped, guard.total)
+    if guard.exhausted(in_a_row):
+        log.error("the loss was not finite for %d steps in a row (up to step %d): stopping. The last good "
+                  "checkpoint is in %s; lower base_lr or check the data, then rerun to resume", in_a_row, step,
+                  os.path.join(output_dir, "checkpoints"))
+        return False
+    return True
