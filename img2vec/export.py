@@ -13,6 +13,7 @@ encoder.json also carries timm's pretrained_cfg (input size, mean, std, crop, in
 `timm.data.resolve_data_config(pretrained_cfg=meta["pretrained_cfg"])` gives the matching transform.
 Both files are written readable by everyone (0644): an export is meant to be shared.
 """
+import contextlib
 import json
 import os
 import sys
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --output_dir {args.output_dir} is a file: pass a folder", file=sys.stderr)
         return 2
     try:
-        path = export_checkpoint(args.encoder, args.output_dir)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the path
+            path = export_checkpoint(args.encoder, args.output_dir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ The title of the last panel gives the mean over masked patches.
 Needs a training checkpoint (the decoder and head are not in encoder.safetensors); the
 teacher is rebuilt from the run's config.yaml (a random teacher from the same seed).
 """
+import contextlib
 import os
 import sys
 
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: image not found: {missing[0]}", file=sys.stderr)
         return 2
     try:
-        paths = visualize(args.encoder, args.image_paths, args.output_dir, args.seed, args.mask_ratio)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the paths
+            paths = visualize(args.encoder, args.image_paths, args.output_dir, args.seed, args.mask_ratio)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ train.py calls it every `eval_every` steps.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output_dir {args.output_dir} is a file: pass a folder")
     try:
         train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
-        encoder = load_encoder(args.encoder, args.init, args.seed)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the result
+            encoder = load_encoder(args.encoder, args.init, args.seed)
         monitor = KnnMonitor(train_dir, val_dir, encoder.image_size, args.pool, args.k, args.temperature,
                              args.batch_size)
     except (FileNotFoundError, ValueError) as e:

@@ -12,6 +12,7 @@ linear_probe.json (linear_probe_random_init.json for --init random) beside the e
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output_dir {args.output_dir} is a file: pass a folder")
     try:
         train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
-        encoder = load_encoder(args.encoder, args.init, args.seed)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the result
+            encoder = load_encoder(args.encoder, args.init, args.seed)
         transform = eval_transform(encoder.image_size)
         train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
     except (FileNotFoundError, ValueError) as e:
