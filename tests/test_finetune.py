@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from train_helpers import REPO, free_port, write_ds_config
 
 from img2vec.checkpoint import export_encoder
-from img2vec.config import Config, FinetuneConfig, load_config
+from img2vec.config import Config, ConfigError, FinetuneConfig, load_config
 from img2vec.finetune import build_classifier, build_mixup, train_transform, with_output_dir
 from img2vec.vit import VitEncoder
 
@@ -205,6 +205,8 @@ def test_pretrain_presets_follow_dbot_drop_path_and_clipping(name, clip, drop_pa
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
     cfg = load_config(str(tmp_path / "run.yaml"), [], Config)
     assert (cfg.drop_path, cfg.epochs) == (drop_path, 1600)
+    with pytest.raises(ConfigError, match=r"drop_path must be in \[0, 1\), got 1.0"):
+        load_config(str(tmp_path / "run.yaml"), ["--drop_path", "1.0"], Config)
 
 
 def test_linear_probe_preset_parses_with_the_linear_probe_command(tmp_path):

@@ -93,3 +93,6 @@ def test_student_drop_path_matches_timm_stochastic_depth_and_keeps_timm_names():
         torch.manual_seed(1)
         torch.testing.assert_close(dropped, theirs.forward_features(images), atol=1e-5, rtol=0)
         assert not torch.allclose(dropped, plain(images), atol=1e-3)  # something was dropped
+    student = build_student("vit_tiny", 32, 8, 24, 1, 32, 2, drop_path=0.2)
+    assert student.encoder.blocks[-1].drop_path.drop_prob == 0.2
+    assert all(isinstance(b.drop_path, torch.nn.Identity) for b in build_student("vit_tiny", 32, 8, 24, 1, 32, 2).encoder.blocks)
