@@ -18,7 +18,7 @@ PROOF_ARGS = ("--model", "vit_tiny", "--image_size", "32", "--patch_size", "8",
               "--teacher", "convnext_atto", "--teacher_stage", "0", "--teacher_weights", "random",
               "--decoder_depth", "2", "--decoder_width", "128", "--decoder_heads", "4", "--mask_ratio", "0.75",
               "--base_lr", "1e-3", "--warmup_epochs", "1", "--num_workers", "0", "--log_every", "50",
-              "--ckpt_every", "0", "--diversity_every", "0")
+              "--ckpt_every", "0", "--diversity_every", "0", "--verdict_data", "")
 
 
 def digits_root(tmp_path_factory) -> Path:
