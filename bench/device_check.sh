@@ -2,8 +2,8 @@
 # The one prepared GPU check: fused loss, train step, attention, data path, ViT-H micro-batch.
 # Run from the project root:
 #
-#   on the CPU machine, once:  bash ../shared/device/fetch-wheels.sh      (puts deepspeed & co. in .whl/)
-#   on the device:             run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=480)
+#   first put wheels of deepspeed & co. that match the GPU machine's torch in .whl/ (the GPU
+#   machine has no package index); then on the GPU machine:  bash bench/device_check.sh
 #   dry run on a CPU machine:  bash bench/device_check.sh --dry-run      (CPU shapes, same steps)
 #
 # Time: every step runs under its own `timeout`; the budgets below add up to 400 s, and each

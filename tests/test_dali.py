@@ -44,7 +44,7 @@ def _cat(batches: list[dict], key: str) -> torch.Tensor:
     return torch.cat([b[key] for b in batches])
 
 
-# ---- broken inputs: one tree with every case of issue 4 ----
+# ---- broken inputs: one tree with every kind of broken file ----
 
 BAD = {  # file -> the start of the reason every backend gives
     "b/truncated.jpg": "truncated JPEG",

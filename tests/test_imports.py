@@ -1,4 +1,4 @@
-"""Imports point one way (DESIGN.md): no cycle between project modules; kernels/ and dataloading/ are leaves.
+"""Imports point one way: no cycle between project modules; kernels/ and dataloading/ are leaves.
 
 The graph is read from the source with `ast`, so it also sees imports inside functions (lazy
 imports still close a cycle when both functions run) and needs nothing importable. Imports
