@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if (cfg.mixup > 0 or cfg.cutmix > 0) and rt.micro_batch % 2:
             raise ConfigError(f"mixup/cutmix pair each image with another: use an even batch_size, got {rt.micro_batch}")
         run = build_finetuning(cfg, rt, classes)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:  # a missing or refused encoder included
         print(f"config error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

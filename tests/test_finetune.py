@@ -317,3 +317,18 @@ def test_finetune_resumes_bitwise_after_sigterm(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     before = json.loads((whole / "classifier.json").read_text())
     assert json.loads((stopped / "classifier.json").read_text())["val_top1"] == before["val_top1"]
+
+
+def test_a_missing_encoder_or_an_odd_mixup_batch_is_one_line_exit_2(tmp_path):
+    data = image_tree(tmp_path / "data", per_class=2, classes=2)
+    ds = write_ds_config(tmp_path / "ds.json", 2, 4)
+    enc = export(tiny_encoder(), tmp_path / "enc")
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    for args, message in (
+            (["--encoder", str(tmp_path / "nope")], "does not exist"),
+            (["--encoder", str(enc), "--mixup", "0.8", "--batch_size", "3"], "use an even batch_size, got 3")):
+        proc = subprocess.run([sys.executable, str(FINETUNE), "--ds_config", str(ds), "--data_path", str(data),
+                               "--output_dir", str(tmp_path / "out"), *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
