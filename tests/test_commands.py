@@ -109,3 +109,12 @@ def test_the_api_loss_is_the_reference_on_cpu():
                                masked_feature_loss_ref(pred, target, ids_masked, 2.0, 1e-6))
     student = img2vec.build_student("vit_tiny", 32, 8, 5, 1, 32, 2)
     assert student.encoder.num_patches == 16
+
+
+def test_every_module_with_a_main_block_is_in_the_help_test():
+    # A new command joins COMMANDS (and so the --help test) or this fails.
+    tested = {c[-1].replace(str(REPO) + "/", "").removesuffix(".py").replace("/", ".") for c, _ in COMMANDS}
+    commands = {".".join(path.relative_to(REPO).with_suffix("").parts)
+                for package in ("img2vec", "dataloading", "kernels") for path in (REPO / package).rglob("*.py")
+                if 'if __name__ == "__main__":' in path.read_text()}
+    assert commands and commands <= tested, sorted(commands - tested)
