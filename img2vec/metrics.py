@@ -100,7 +100,7 @@ class MetricsLogger:
         if self.bar is None:
             log.info("%s", line)
         else:
-            with self.bar.external_write_mode():  # the bar steps aside for the line, then redraws
+            with self.bar.external_write_mode(file=sys.stderr):  # the bar steps aside for the line, then redraws
                 log.info("%s", line)
 
 
