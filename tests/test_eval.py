@@ -129,7 +129,8 @@ def run_module(module: str, *args: str) -> tuple[str, dict]:
 def test_knn_and_linear_probe_commands_on_digits(tmp_path_factory):
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
     out = tmp_path_factory.mktemp("eval_results")
-    knn_out, knn = run_module("img2vec.eval.knn", "--encoder", str(run), "--data_path", str(data), "--output_dir", str(out))
+    knn_out, knn = run_module("img2vec.eval.knn", "--encoder", str(run), "--data_path", str(data),
+                              "--output_dir", str(out))
     probe_out, probe = run_module("img2vec.eval.linear_probe", "--encoder", str(run / "encoder.safetensors"),
                                   "--data_path", str(data), "--epochs", "90", "--output_dir", str(out))
     print(f"\ndigits: kNN top1 {knn['top1']:.1f}%, linear probe top1 {probe['top1']:.1f}%")
@@ -248,7 +249,8 @@ def test_eval_commands_print_percent_and_write_json_beside_the_encoder(module, n
     tiny_image_folder(tmp_path / "data")
     main = importlib.import_module(module).main
     extra = ["--epochs", "2", "--warmup_epochs", "1"] if name == "linear_probe" else ["--k", "3"]
-    args = ["--encoder", str(tmp_path / "export" / "encoder.safetensors"), "--data_path", str(tmp_path / "data"), *extra]
+    args = ["--encoder", str(tmp_path / "export" / "encoder.safetensors"), "--data_path", str(tmp_path / "data"),
+            *extra]
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     label = name.replace("_", " ")
