@@ -252,10 +252,28 @@ def train_transform(cfg: FinetuneConfig, image_size: int):
 
     from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
 
-    return create_transform(image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
-                            color_jitter=None, auto_augment=cfg.auto_augment or None, interpolation="bicubic",
-                            re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = create_transform(image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
+                                 color_jitter=None, auto_augment=cfg.auto_augment or None, interpolation="bicubic",
+                                 re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count,
+                                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):  # RandAugment's operations
+            if op.aug_fn.__name__ == "posterize":
+                op.aug_fn = posterize_any_bits
+    return transform
+
+
+def posterize_any_bits(img, bits_to_keep: int, **kwargs):
+    """timm's posterize, where keeping 0 bits gives a black image, as older Pillow and TF's
+    RandAugment do. timm's PosterizeIncreasing asks for 0 bits whenever the sampled magnitude
+    reaches 10 (m9, mstd 0.5: about 2% of its draws), and Pillow >= 12 refuses 0: the run would
+    crash on about one image in a few hundred."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit cleared
+    return posterize(img, bits_to_keep, **kwargs)
 
 
 def build_mixup(cfg: FinetuneConfig, num_classes: int):

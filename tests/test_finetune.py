@@ -332,3 +332,19 @@ def test_a_missing_encoder_or_an_odd_mixup_batch_is_one_line_exit_2(tmp_path):
                               capture_output=True, text=True, timeout=300)
         errors = [line for line in proc.stderr.splitlines() if "error" in line]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+def test_randaugment_posterize_at_full_magnitude_gives_black_instead_of_crashing(tmp_path):
+    """timm's PosterizeIncreasing keeps 0 bits at magnitude 10 (reached by m9 mstd0.5); this Pillow
+    refuses 0 bits. What older Pillow and TF return, a black image, is what we return."""
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    cfg = finetune_cfg(tmp_path, config=str(REPO / "configs" / "finetune_vit_base.yaml"))
+    ra = next(t for t in train_transform(cfg, 32).transforms if isinstance(t, RandAugment))
+    op = next(op for op in ra.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    assert np.asarray(op(img)).max() == 0
+    op.magnitude = 5  # 2 bits kept: 200 = 0b11001000 -> 0b11000000
+    assert np.asarray(op(img)).max() == 192
