@@ -134,8 +134,8 @@ def read_rows(jsonl_path: str) -> list[dict]:
 
 
 def restarts(rows: list[dict]) -> list[tuple[int, str]]:
-    """(step, label) of every launch that continued the run: "resumed", or "extended to N steps" when
-    the schedule's length changed. From the "resumed" rows; in a file without them, a logged step that
+    """(step, label) of every launch that continued the run: "resumed", or "extended to N steps" /
+    "shortened to N steps" when the schedule's length changed. From the "resumed" rows; in a file without them, a logged step that
     is not after the previous one (a rerun from an earlier checkpoint logs those steps again)."""
     marks, total, last = [], None, None
     for row in rows:
@@ -143,7 +143,10 @@ def restarts(rows: list[dict]) -> list[tuple[int, str]]:
             before = row.get("previous_total_steps", total)
             after = row.get("total_steps")
             extended = after is not None and before is not None and after != before
-            marks.append((row["step"], f"extended to {after} steps" if extended else "resumed"))
+            label = f"{'extended' if after > before else 'shortened'} to {after} steps" if extended else "resumed"
+            if marks and marks[-1][0] == row["step"]:  # resumed twice from one checkpoint: one mark
+                label = marks.pop()[1] if label == "resumed" else label
+            marks.append((row["step"], label))
             total = after if after is not None else total
         elif "event" not in row and "loss" in row:
             if last is not None and row["step"] <= last:

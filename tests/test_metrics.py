@@ -64,7 +64,10 @@ def test_restarts_come_from_resumed_rows_or_from_steps_logged_again():
     rows += [{"step": 10, "event": "resumed", "total_steps": 20, "previous_total_steps": 20}]
     rows += [{"step": s, "loss": 1.0} for s in (15, 20)]
     rows += [{"step": 20, "event": "resumed", "total_steps": 30, "previous_total_steps": 20}]
+    rows += [{"step": 20, "event": "resumed", "total_steps": 30, "previous_total_steps": 30}]  # killed again
     assert restarts(rows) == [(10, "resumed"), (20, "extended to 30 steps")]
+    assert restarts([{"step": 5, "event": "resumed", "total_steps": 8, "previous_total_steps": 10}]) == [
+        (5, "shortened to 8 steps")]
     # A file from before the "resumed" rows: a rerun from the step-10 checkpoint logs 15 again.
     old = [{"step": s, "loss": 1.0} for s in (5, 10, 15, 15, 20)]
     assert restarts(old) == [(15, "restarted")]
