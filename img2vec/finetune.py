@@ -295,8 +295,9 @@ def build_mixup(cfg: FinetuneConfig, num_classes: int):
 
 class SeededSamples(Dataset):
     """dataset[(epoch, index)] = base[index] with the augmentation's python, NumPy and torch (CPU)
-    RNGs seeded by (seed, epoch, index), and the caller's RNG states put back: an image's
-    augmentation depends on nothing else (not the worker, not where a run resumed)."""
+    RNGs seeded by (seed, epoch, index): an image's augmentation depends on nothing else (not the
+    worker, not where a run resumed). In the trainer's own process (num_workers 0) the caller's RNG
+    states are put back afterwards; a worker's RNGs serve only this dataset."""
 
     def __init__(self, base, seed: int):
         self.base, self.seed, self.classes = base, seed, base.classes
@@ -305,18 +306,27 @@ class SeededSamples(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]):
+        from torch.utils.data import get_worker_info
+
         epoch, index = key
         seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):  # CPU generator only: a worker-less loader runs in the trainer
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            try:
-                return self.base[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        if get_worker_info() is not None:
+            _seed_cpu_rngs(seed)
+            return self.base[index]
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        _seed_cpu_rngs(seed)
+        try:
+            return self.base[index]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+def _seed_cpu_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays the trainer's
 
 
 class ResumableSampler(DistributedSampler):

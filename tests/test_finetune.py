@@ -348,3 +348,26 @@ def test_randaugment_posterize_at_full_magnitude_gives_black_instead_of_crashing
     assert np.asarray(op(img)).max() == 0
     op.magnitude = 5  # 2 bits kept: 200 = 0b11001000 -> 0b11000000
     assert np.asarray(op(img)).max() == 192
+
+
+def test_an_images_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
+    """The same (epoch, index) gives the same tensor in the trainer's process and in a worker, in
+    any order; another epoch gives another augmentation; the caller's RNGs are left as they were."""
+    from torch.utils.data import DataLoader
+
+    from img2vec.eval.common import image_folder
+    from img2vec.finetune import SeededSamples
+
+    data = image_tree(tmp_path / "data", per_class=4, classes=2)
+    cfg = finetune_cfg(tmp_path, config=str(REPO / "configs" / "finetune_vit_base.yaml"))
+    samples = SeededSamples(image_folder(str(data / "train"), train_transform(cfg, 32)), seed=3)
+    keys = [(e, i) for e in (0, 1) for i in range(len(samples))]
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    here = [samples[k][0] for k in reversed(keys)][::-1]
+    assert torch.equal(torch.rand(1), before)  # the trainer's RNG did not move
+    in_workers = [x for batch, _ in DataLoader(samples, 4, sampler=keys, num_workers=2) for x in batch]
+    assert all(torch.equal(a, b) for a, b in zip(here, in_workers))
+    n = len(samples)
+    assert not all(torch.equal(here[i], here[n + i]) for i in range(n))  # epochs differ
