@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         classes = class_names(cfg.data_path)
         rt, cfg = setup_runtime(args.ds_config, cfg)
         if (cfg.mixup > 0 or cfg.cutmix > 0) and rt.micro_batch % 2:
-            raise ConfigError(f"mixup/cutmix pair each image with another: use an even batch_size, got {rt.micro_batch}")
+            raise ConfigError(f"mixup/cutmix pair each image with another: use an even batch_size, "
+                              f"got {rt.micro_batch}")
         run = build_finetuning(cfg, rt, classes)
     except (ConfigError, FileNotFoundError, CheckpointError) as e:  # a missing or refused encoder included
         print(f"config error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -419,7 +420,8 @@ def evaluate(model: nn.Module, val_set, rt: Runtime, seed: int) -> dict[str, flo
     model.eval()
     counts = torch.zeros(3, device=rt.device, dtype=torch.float64)  # top1 hits, top5 hits, images
     shard = Subset(val_set, list(range(rt.rank, len(val_set), rt.world_size)))
-    for images, labels in DataLoader(shard, rt.micro_batch, num_workers=0, generator=torch.Generator().manual_seed(seed)):
+    loader = DataLoader(shard, rt.micro_batch, num_workers=0, generator=torch.Generator().manual_seed(seed))
+    for images, labels in loader:
         logits = model(images.to(rt.device, rt.dtype)).float()  # (B, classes)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()  # (B, 5)
         hits = top5 == labels.unsqueeze(1)

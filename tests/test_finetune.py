@@ -149,7 +149,8 @@ def test_avg_pooling_is_maes_mean_of_patch_tokens_then_a_new_fc_norm():
         assert torch.equal(model.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])
         # The old order (norm per token, then the mean) is another feature on this encoder.
         old = enc.norm(x)[:, 1:].mean(dim=1)
-        assert F.cosine_similarity(old, model.forward_head(model.forward_features(images), pre_logits=True)).mean() < 0.99
+        ours = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, D)
+        assert F.cosine_similarity(old, ours).mean() < 0.99
 
     cls_model, _ = build_classifier(state, enc.timm_kwargs(), 4, "cls", drop_path=0.0)
     cls_model.eval()
