@@ -31,7 +31,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,8 +107,6 @@ def with_output_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     point (a random-init baseline never lands in the pretrained fine-tune's folder)."""
     if cfg.output_dir:
         return cfg
-    import dataclasses
-
     path = os.path.abspath(cfg.encoder)
     run, tag = path, ""
     if os.path.isfile(path):  # run_dir/encoder.safetensors
@@ -116,7 +114,7 @@ def with_output_dir(cfg: FinetuneConfig) -> FinetuneConfig:
     elif os.path.basename(os.path.dirname(path)) == "checkpoints":  # run_dir/checkpoints/<tag>
         run, tag = os.path.dirname(os.path.dirname(path)), os.path.basename(path)
     name = "finetune" + (f"_{tag}" if tag else "") + ("_random" if cfg.init == "random" else "")
-    return dataclasses.replace(cfg, output_dir=os.path.join(run, name))
+    return replace(cfg, output_dir=os.path.join(run, name))
 
 
 def class_names(data_path: str) -> list[str]:
