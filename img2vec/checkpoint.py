@@ -597,7 +597,12 @@ def export_encoder(student_state: dict[str, torch.Tensor], timm_kwargs: dict, ou
         raise ValueError("no encoder.* weights in the checkpoint: is this an img2vec run?")
     path = os.path.join(out_dir, "encoder.safetensors")
     save_safetensors(encoder, path, {"format": "pt", "library": "timm"})
-    _write_atomic(os.path.join(out_dir, "encoder.json"), json.dumps(
-        {"timm_class": "timm.models.vision_transformer.VisionTransformer", "timm_kwargs": timm_kwargs},
-        indent=2, sort_keys=True))
+    from img2vec.pretrained_cfg import timm_pretrained_cfg  # timm.data.resolve_data_config reads it
+
+    meta_path = os.path.join(out_dir, "encoder.json")
+    _write_atomic(meta_path, json.dumps(
+        {"timm_class": "timm.models.vision_transformer.VisionTransformer", "timm_kwargs": timm_kwargs,
+         "pretrained_cfg": timm_pretrained_cfg(timm_kwargs)}, indent=2, sort_keys=True))
+    for p in (path, meta_path):
+        os.chmod(p, 0o644)  # an export is for sharing; a private umask would leave it 0600
     return path

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from img2vec.stage import StageInfo
+
 HOG_BINS = 9
 HOG_CELL = 8
 HOG_EPS = 1e-5  # skimage's block-normalization epsilon
@@ -102,13 +104,11 @@ class WeightFreeTeacher(nn.Module):
     """`pixels` or `hog` behind the Teacher interface: (B, 3, H, W) -> (B, N, C) fp32, no weights.
 
     `.channels` C, `.stride` (pixels: p, the patch is its own cell; hog: 8, its cell),
-    `.num_patches` at image_size, `.info` (a teacher.StageInfo with kind = the name).
+    `.num_patches` at image_size, `.info` (a StageInfo with kind = the name).
     """
 
     def __init__(self, name: str, patch_size: int, image_size: int):
         super().__init__()
-        from img2vec.teacher import StageInfo
-
         if name not in WEIGHT_FREE_TEACHERS:
             raise ValueError(f"weight-free teacher must be one of {', '.join(WEIGHT_FREE_TEACHERS)}, got {name!r}")
         check_patch_size(name, patch_size)

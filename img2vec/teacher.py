@@ -37,7 +37,6 @@ ResNet names (the same as timm's resnet); .safetensors or torch.save files.
 import argparse
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -45,22 +44,14 @@ import torch.nn.functional as F
 import timm
 from timm.models._features import FeatureGetterNet
 
+from img2vec.stage import StageInfo
+
 logger = logging.getLogger("img2vec.teacher")
 
 # Wrapper entries that hold the weights, in order of preference (DINO: teacher over student).
 _WRAPPER_KEYS = ("state_dict", "model", "teacher", "student")
 # Key prefixes that select the backbone inside a wrapper: DDP, MoCo v3, DINO / detection, SSL.
 _PREFIXES = ("module.", "base_encoder.", "backbone.", "encoder.")
-
-
-@dataclass(frozen=True)
-class StageInfo:
-    """Where a teacher's targets come from: kind "cnn" or "vit", feature index, module name."""
-    kind: str
-    index: int  # features_only out_indices entry: CNN stage or ViT block
-    module: str  # e.g. "layer3", "blocks.6"
-    stride: int  # input pixels per feature-map cell
-    channels: int  # C
 
 
 def _is_vit(model: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from img2vec.config import Config, ConfigError, build_parser, config_from_args, 
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard
 from img2vec.masking import mask_noise, random_masking
-from img2vec.metrics import MetricsLogger, plot_loss_curve
+from img2vec.metrics import MetricsLogger, append_event, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
 from img2vec.run_lock import RunLockedError, lock_run_dir
 from img2vec.runtime import Runtime, launch_world_size, resolve_batch, setup_runtime
@@ -158,9 +158,12 @@ def resume(cfg: Config, rt: Runtime, run: Pretraining) -> tuple[int, int]:
     if state is not None:
         step, skipped_steps = state["step"], state.get("skipped_steps", 0)
         run.last_checkpoint = state["path"]
-        log_changes(state.get("config", {}), cfg, run, step, rt.accum_steps)
+        previous_total = log_changes(state.get("config", {}), cfg, run, step, rt.accum_steps)
     if rt.rank == 0:
         keep_metrics_until(os.path.join(cfg.output_dir, "metrics.jsonl"), step)
+        if state is not None:  # loss.png marks where a run resumed, and any change of its length
+            append_event(os.path.join(cfg.output_dir, "metrics.jsonl"), step, "resumed",
+                         total_steps=run.total_steps, previous_total_steps=previous_total)
         for name in ("config.yaml", f"config.{step:06d}.yaml"):  # the latest, and one per launch
             cfg.save(os.path.join(cfg.output_dir, name))
         with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
@@ -168,8 +171,9 @@ def resume(cfg: Config, rt: Runtime, run: Pretraining) -> tuple[int, int]:
     return step, skipped_steps
 
 
-def log_changes(saved: dict, cfg: Config, run: Pretraining, step: int, accum_steps: int) -> None:
-    """Say what a resumed run changed; a new length stretches or cuts the cosine schedule."""
+def log_changes(saved: dict, cfg: Config, run: Pretraining, step: int, accum_steps: int) -> int:
+    """Say what a resumed run changed; a new length stretches or cuts the cosine schedule.
+    Returns the previous run's total steps."""
     changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if k in saved and saved[k] != v}
     if changed:
         log.warning("resumed with changed settings: %s", ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
@@ -180,6 +184,8 @@ def log_changes(saved: dict, cfg: Config, run: Pretraining, step: int, accum_ste
         new_lr = cosine_schedule(step, run.total_steps, run.warmup_steps, run.peak_lr, cfg.min_lr)
         log.warning("the LR schedule changes at step %d: %d -> %d steps in all, lr here %.3g -> %.3g", step,
                     old_total, run.total_steps, old_lr, new_lr)
+        return old_total
+    return run.total_steps
 
 
 def keep_metrics_until(path: str, step: int) -> None:
