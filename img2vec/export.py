@@ -22,13 +22,13 @@ from img2vec.checkpoint import export_encoder
 from img2vec.eval.common import checkpoint_student_state, find_checkpoint
 
 
-def export_checkpoint(checkpoint: str, out_dir: str) -> str:
+def export_checkpoint(checkpoint: str, out_dir: str, trust: bool = False) -> str:
     """Write out_dir/encoder.safetensors (+ encoder.json) from a run or checkpoint folder; return its path."""
     ref = find_checkpoint(checkpoint)
     if ref is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint at {checkpoint}: pass a run folder (with "
                                 f"checkpoints/latest) or run/checkpoints/<tag>")
-    state, timm_kwargs = checkpoint_student_state(ref)  # architecture from the run's config.yaml
+    state, timm_kwargs = checkpoint_student_state(ref, trust)  # architecture from the run's config.yaml
     os.makedirs(out_dir, exist_ok=True)
     path = export_encoder(state, timm_kwargs, out_dir)
     complete_export(out_dir)
@@ -60,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", required=True, help="a run folder (latest checkpoint) or run/checkpoints/<tag>")
     parser.add_argument(*option_names("output_dir"), required=True,
                         help="folder for encoder.safetensors and encoder.json")
+    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
+                        help="allow checkpoint pickles that would run code (only for files you trust)")
     args = parser.parse_args(argv)
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         print(f"error: --output_dir {args.output_dir} is a file: pass a folder", file=sys.stderr)
         return 2
     try:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the path
-            path = export_checkpoint(args.encoder, args.output_dir)
+            path = export_checkpoint(args.encoder, args.output_dir, args.trust_checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

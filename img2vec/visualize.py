@@ -27,7 +27,7 @@ from img2vec.masking import random_masking
 from img2vec.runtime import build_student_from_config, build_teacher
 
 
-def load_run(checkpoint: str):
+def load_run(checkpoint: str, trust: bool = False):
     """(student, teacher, run Config) of a run folder or checkpoint folder; both eval, fp32, CPU."""
     ref = find_checkpoint(checkpoint)
     if ref is None:
@@ -36,7 +36,7 @@ def load_run(checkpoint: str):
     cfg = run_config(os.path.join(ref.run_dir, "config.yaml"))
     teacher = build_teacher(cfg)
     student = build_student_from_config(cfg, teacher.channels)
-    state = consolidated_fp32_state_dict(ref.run_dir, ref.tag, frozen_parameters(student))
+    state = consolidated_fp32_state_dict(ref.run_dir, ref.tag, frozen_parameters(student), trust)
     student.load_state_dict(state, strict=True)
     return student.eval(), teacher.eval(), cfg
 
@@ -109,9 +109,9 @@ def _open_rgb(path: str):
 
 
 def visualize(checkpoint: str, image_paths: list[str], out_dir: str, seed: int = 0,
-              mask_ratio: float | None = None) -> list[str]:
+              mask_ratio: float | None = None, trust: bool = False) -> list[str]:
     """Write one PNG per image into out_dir; return their paths."""
-    student, teacher, cfg = load_run(checkpoint)
+    student, teacher, cfg = load_run(checkpoint, trust)
     transform = eval_transform(cfg.image_size)
     images = torch.stack([transform(_open_rgb(p)) for p in image_paths])  # (B, 3, H, W)
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--encoder", required=True, help="a run folder (latest checkpoint) or run/checkpoints/<tag>")
+    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
+                        help="allow checkpoint pickles that would run code (only for files you trust)")
     parser.add_argument(*option_names("image_paths"), nargs="+", required=True, help="image files")
     parser.add_argument(*option_names("output_dir"), default="visualizations", help="folder for one PNG per image")
     parser.add_argument(*option_names("mask_ratio"), type=float, default=None, help="default: the run's mask_ratio")
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the paths
-            paths = visualize(args.encoder, args.image_paths, args.output_dir, args.seed, args.mask_ratio)
+            paths = visualize(args.encoder, args.image_paths, args.output_dir, args.seed, args.mask_ratio,
+                              args.trust_checkpoint)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

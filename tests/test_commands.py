@@ -48,6 +48,15 @@ def test_help_exits_0_and_creates_nothing(command, names, tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "ext").exists(), "--help filled a cache"
 
 
+@pytest.mark.parametrize("module", ["img2vec.export", "img2vec.visualize", "img2vec.eval.knn",
+                                    "img2vec.eval.linear_probe", "img2vec.finetune"])
+def test_every_checkpoint_reader_takes_trust_checkpoint(module):
+    """The refusal of a code-running pickle names --trust_checkpoint: every reader must have it."""
+    parser_help = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                                 timeout=300).stdout
+    assert "--trust_checkpoint" in parser_help
+
+
 def _scripts_in_setup() -> dict[str, str]:
     """name -> "module:main" of every console script setup.py declares."""
     text = (REPO / "setup.py").read_text()

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--encoder", required=True,
                         help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
+    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
+                        help="allow checkpoint pickles that would run code (only for files you trust)")
     parser.add_argument(*option_names("data_path"), help="ImageFolder root with train/ and val/")
     parser.add_argument("--train", help="train split (instead of --data_path)")
     parser.add_argument("--val", help="val split (instead of --data_path)")
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the result
-            encoder = load_encoder(args.encoder, args.init, args.seed)
+            encoder = load_encoder(args.encoder, args.init, args.seed, args.trust_checkpoint)
         transform = eval_transform(encoder.image_size)
         train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
     except (FileNotFoundError, ValueError) as e:
