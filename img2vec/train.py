@@ -134,10 +134,11 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
     if cfg.compile:  # after initialize: DeepSpeed's hooks stay outside the compiled graphs
         engine.compile()
         teacher = torch.compile(teacher)
-    log.info("student %s: %.1fM params (encoder %.1fM), %d patches, mask %.2f; teacher %s stage %d "
+    weights = cfg.teacher_weights or ("random" if teacher.info.kind in ("cnn", "vit") else "none")
+    log.info("student %s: %.1fM params (encoder %.1fM), %d patches, mask %.2f; teacher %s %s "
              "(C=%d, weights=%s); attention %s, loss %s, %s on %s; %s, %d steps, peak lr %.2e", cfg.model,
-             sizes[0] / 1e6, sizes[1] / 1e6, num_patches, cfg.mask_ratio, cfg.teacher, cfg.teacher_stage,
-             teacher.channels, cfg.teacher_weights or "random", attn_impl, f"{loss_name} {cfg.loss}",
+             sizes[0] / 1e6, sizes[1] / 1e6, num_patches, cfg.mask_ratio, cfg.teacher, teacher.info.module,
+             teacher.channels, weights, attn_impl, f"{loss_name} {cfg.loss}",
              str(rt.dtype).replace("torch.", ""), rt.device, rt.log_line(), total_steps, peak_lr)
     return Pretraining(loader, teacher, engine, optimizer, guard, loss_fn, knn, num_patches, total_steps,
                        warmup_steps, peak_lr, frozen, timm_kwargs, CollapseAlarm(warmup_steps, cfg.collapse_fraction))
@@ -176,7 +177,8 @@ def log_changes(saved: dict, cfg: Config, run: Pretraining, step: int, accum_ste
     Returns the previous run's total steps."""
     changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if k in saved and saved[k] != v}
     if changed:
-        log.warning("resumed with changed settings: %s", ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        log.warning("resumed with changed settings: %s",
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     if changed.keys() & {"max_steps", "epochs", "warmup_epochs", "base_lr", "min_lr"}:
         old = Config(**{**cfg.to_dict(), **{k: a for k, (a, _) in changed.items()}})
         old_total, old_warmup = schedule_steps(old, run.loader.steps_per_epoch, accum_steps)
