@@ -48,8 +48,9 @@ from img2vec.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, consolidated
 from img2vec.config import ConfigError, FinetuneConfig, build_parser, config_from_args, print_config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard, log_window
-from img2vec.metrics import MetricsLogger
+from img2vec.metrics import MetricsLogger, append_event
 from img2vec.optim import cosine_schedule
+from img2vec.run_lock import RunLockedError, lock_run_dir
 from img2vec.runtime import Runtime, build_engine, launch_world_size, resolve_batch, setup_runtime
 from img2vec.signals import GracefulStop
 
@@ -73,29 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         if (cfg.mixup > 0 or cfg.cutmix > 0) and rt.micro_batch % 2:
             raise ConfigError(f"mixup/cutmix pair each image with another: use an even batch_size, "
                               f"got {rt.micro_batch}")
+        lock_output_dir(cfg.output_dir)  # one run per folder, before anything slow
         run = build_finetuning(cfg, rt, classes)
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:  # a missing or refused encoder included
-        print(f"config error: {' '.join(str(e).split())}", file=sys.stderr)
+        state = resume(cfg, rt, run)
+        step, result, exit_code = finetune(cfg, rt, run, state)
+        if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
+            return exit_code
+        save_classifier(cfg, rt.rank, step, run, result)
+    except (ConfigError, FileNotFoundError, RunLockedError, CheckpointError) as e:  # the user can fix it
+        kind = next(k for k, t in [("config", ConfigError), ("encoder", FileNotFoundError),
+                                   ("output_dir", RunLockedError), ("checkpoint", CheckpointError)] if isinstance(e, t))
+        print(f"{kind} error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-
-    # Resume: weights, optimizer, RNG states and position come back; batches and augmentations
-    # are functions of (seed, epoch, index), so the continued run sees what an uninterrupted one would.
-    state = {}
-    if cfg.resume:
-        try:
-            state = resume_checkpoint(run.engine, cfg.output_dir, run.ckpt_config, cfg.trust_checkpoint) or {}
-        except CheckpointError as e:
-            log.error("%s", e)
-            return 2
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    if rt.rank == 0:
-        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))
-        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
-            json.dump(rt.ds_config, f, indent=2)
-    step, result, exit_code = finetune(cfg, rt, run, state)
-    if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
-        return exit_code
-    save_classifier(cfg, rt.rank, step, run, result)
     return 0
 
 
@@ -124,6 +114,33 @@ def class_names(data_path: str) -> list[str]:
     if train != val:
         raise ConfigError(f"train and val class folders differ in {data_path}")
     return train
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Take the run folder's lock (held until exit); an unwritable folder is a one-line error."""
+    try:
+        lock_run_dir(output_dir)
+    except OSError as e:
+        raise RunLockedError(f"cannot write to output_dir {output_dir} ({e.strerror}); pick another "
+                             f"output_dir") from None
+
+
+def resume(cfg: FinetuneConfig, rt: Runtime, run: "Finetuning") -> dict:
+    """Weights, optimizer, RNG states and position come back from the newest complete checkpoint;
+    batches and augmentations are functions of (seed, epoch, index), so the continued run sees what
+    an uninterrupted one would. Only then is anything written: a refused checkpoint leaves the
+    folder as it was. Returns the checkpoint's state ({} for a fresh start)."""
+    state = resume_checkpoint(run.engine, cfg.output_dir, run.ckpt_config, cfg.trust_checkpoint) if cfg.resume else None
+    step = state["step"] if state else 0
+    if rt.rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if state:  # loss.png marks where a run resumed
+            append_event(os.path.join(cfg.output_dir, "metrics.jsonl"), step, "resumed", total_steps=run.total_steps)
+        for name in ("config.yaml", f"config.{step:06d}.yaml"):  # the latest, and one per launch
+            cfg.save(os.path.join(cfg.output_dir, name))
+        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
+            json.dump(rt.ds_config, f, indent=2)
+    return state or {}
 
 
 @dataclass

@@ -314,6 +314,9 @@ def test_finetune_resumes_bitwise_after_sigterm(tmp_path):
 
     run_finetune(tmp_path, stopped, *recipe)
     assert f"(step {stopped_at})" in Path(f"{stopped}.log").read_text()  # it resumed, not restarted
+    rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": stopped_at, "event": "resumed", "total_steps": 14} in rows
+    assert (stopped / "config.000000.yaml").is_file() and (stopped / f"config.{stopped_at:06d}.yaml").is_file()
     a, b = load_file(str(whole / "classifier.safetensors")), load_file(str(stopped / "classifier.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     before = json.loads((whole / "classifier.json").read_text())
