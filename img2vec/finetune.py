@@ -16,13 +16,15 @@ Optimization (MAE main_finetune.py): AdamW (0.9, 0.999), layer-wise LR decay, lr
 batch / 256, warmup then half-cosine. `--init random` fine-tunes the same architecture from a
 seeded random init: the baseline.
 
-Runs like pretraining: checkpoints (img2vec/checkpoint.py), resume from the newest complete one,
-SIGTERM/SIGINT checkpoint and exit 0, the non-finite guard and log window of img2vec/loop.py.
+Runs like pretraining: one run per folder (img2vec/run_lock.py), checkpoints (img2vec/checkpoint.py),
+resume from the newest complete one, SIGTERM/SIGINT checkpoint and exit 0, the non-finite guard
+and log window of img2vec/loop.py.
 Resuming is bitwise: each image's augmentation is seeded by (seed, epoch, index), and the
 batch order by (seed, epoch). With no output_dir the run goes to <encoder's run>/finetune
 (`_<tag>` for a checkpoint folder, `_random` for --init random), never to a shared folder.
 
-Writes output_dir/{config.yaml, metrics.jsonl (train loss, lr; val top1/top5 per epoch),
+Writes output_dir/{config.yaml + config.<step>.yaml per launch, metrics.jsonl (train loss, lr;
+val top1/top5 per epoch; resumed events), ds_config.json,
 tensorboard/, checkpoints/ (DeepSpeed), classifier.safetensors + classifier.json (timm kwargs)}.
 """
 import json
