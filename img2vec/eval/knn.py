@@ -13,7 +13,6 @@ train.py calls it every `eval_every` steps.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -21,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from img2vec.eval.common import (POOLS, eval_transform, extract_features, image_folder, load_encoder,
-                                 split_dirs)
-from img2vec.eval.results import accuracy_line, result_path, rounded, write_result
+from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder
+from img2vec.eval.results import accuracy_line, open_encoder_and_splits, publish, rounded
 
 
 @torch.no_grad()
@@ -119,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir and os.path.isfile(args.output_dir):
         parser.error(f"--output_dir {args.output_dir} is a file: pass a folder")
     try:
-        train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the result
-            encoder = load_encoder(args.encoder, args.init, args.seed, args.trust_checkpoint)
+        encoder, train_dir, val_dir = open_encoder_and_splits(args)
         monitor = KnnMonitor(train_dir, val_dir, encoder.image_size, args.pool, args.k, args.temperature,
                              args.batch_size)
     except (FileNotFoundError, ValueError) as e:
@@ -129,22 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = monitor.evaluate(encoder.to(device), device)
-    name = "knn" if args.init == "pretrained" else "knn_random_init"
     label = "knn" if args.init == "pretrained" else "knn (random init)"
     print(f"{accuracy_line(label, result)}  (k {args.k}, pool {args.pool}; "
           f"{len(monitor.train)} train / {len(monitor.val)} val images)")
-    path = result_path(args.encoder, name, args.output_dir)
-    record = {"eval": "knn", **rounded(result), "encoder": os.path.abspath(args.encoder), "init": args.init,
-              "seed": args.seed, "train": os.path.abspath(train_dir), "val": os.path.abspath(val_dir),
-              "train_images": len(monitor.train), "val_images": len(monitor.val), "k": args.k,
-              "temperature": args.temperature, "pool": args.pool}
-    try:
-        write_result(path, record)
-    except OSError as e:
-        print(f"error: cannot write {path} ({e.strerror}): pass --output_dir DIR", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+    return publish(args, "knn", {"eval": "knn", **rounded(result), "train": os.path.abspath(train_dir),
+                                 "val": os.path.abspath(val_dir), "train_images": len(monitor.train),
+                                 "val_images": len(monitor.val), "k": args.k, "temperature": args.temperature,
+                                 "pool": args.pool})
 
 
 if __name__ == "__main__":

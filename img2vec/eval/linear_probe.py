@@ -12,7 +12,6 @@ linear_probe.json (linear_probe_random_init.json for --init random) beside the e
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -22,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder, load_encoder, split_dirs
+from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder
 from img2vec.eval.knn import topk_accuracy
-from img2vec.eval.results import accuracy_line, result_path, rounded, write_result
+from img2vec.eval.results import accuracy_line, open_encoder_and_splits, publish, rounded
 
 
 class LARS(torch.optim.Optimizer):
@@ -143,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir and os.path.isfile(args.output_dir):
         parser.error(f"--output_dir {args.output_dir} is a file: pass a folder")
     try:
-        train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation chatter: stdout is the result
-            encoder = load_encoder(args.encoder, args.init, args.seed, args.trust_checkpoint)
+        encoder, train_dir, val_dir = open_encoder_and_splits(args)
         transform = eval_transform(encoder.image_size)
         train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
     except (FileNotFoundError, ValueError) as e:
@@ -157,24 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         extract_features(encoder, DataLoader(split, 256, num_workers=0), args.pool, device) for split in (train, val))
     result = train_linear_probe(train_x, train_y, val_x, val_y, len(train.classes), args.epochs, args.batch_size,
                                 args.base_lr, args.optimizer, args.weight_decay, args.warmup_epochs, args.seed)
-    name = "linear_probe" if args.init == "pretrained" else "linear_probe_random_init"
     label = "linear probe" if args.init == "pretrained" else "linear probe (random init)"
     print(f"{accuracy_line(label, result)}  (train top-1 {result['train_top1']:.2f}%; pool {args.pool}, "
           f"{args.optimizer}, {args.epochs} epochs; {len(train)} train / {len(val)} val images)")
-    path = result_path(args.encoder, name, args.output_dir)
-    record = {"eval": "linear_probe", **rounded(result), "encoder": os.path.abspath(args.encoder),
-              "init": args.init, "seed": args.seed, "train": os.path.abspath(train_dir),
-              "val": os.path.abspath(val_dir), "train_images": len(train), "val_images": len(val),
-              "pool": args.pool, "optimizer": args.optimizer, "epochs": args.epochs,
-              "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size, "base_lr": args.base_lr,
-              "weight_decay": args.weight_decay}
-    try:
-        write_result(path, record)
-    except OSError as e:
-        print(f"error: cannot write {path} ({e.strerror}): pass --output_dir DIR", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+    return publish(args, "linear_probe", {
+        "eval": "linear_probe", **rounded(result), "train": os.path.abspath(train_dir), "val": os.path.abspath(val_dir),
+        "train_images": len(train), "val_images": len(val), "pool": args.pool, "optimizer": args.optimizer,
+        "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
+        "base_lr": args.base_lr, "weight_decay": args.weight_decay})
 
 
 if __name__ == "__main__":

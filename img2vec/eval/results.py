@@ -53,3 +53,34 @@ def accuracy_line(label: str, result: dict) -> str:
 def rounded(result: dict, digits: int = 4) -> dict:
     """Floats rounded for the JSON file (percent of at most a few 100k images needs no more)."""
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def open_encoder_and_splits(args):
+    """(encoder, train_dir, val_dir) for an eval command's --encoder/--init/--seed/--data_path flags.
+    DeepSpeed's consolidation chatter goes to stderr: the command's stdout is its result."""
+    import contextlib
+    import sys
+
+    from img2vec.eval.common import load_encoder, split_dirs
+
+    train_dir, val_dir = split_dirs(args.data_path, args.train, args.val)
+    with contextlib.redirect_stdout(sys.stderr):
+        encoder = load_encoder(args.encoder, args.init, args.seed, args.trust_checkpoint)
+    return encoder, train_dir, val_dir
+
+
+def publish(args, name: str, record: dict) -> int:
+    """Write an eval command's record as <name>.json (or <name>_random_init.json) beside the encoder
+    or in --output_dir, print where, and return the command's exit code."""
+    import sys
+
+    name = name if args.init == "pretrained" else f"{name}_random_init"
+    path = result_path(args.encoder, name, args.output_dir)
+    record = {**record, "encoder": os.path.abspath(args.encoder), "init": args.init, "seed": args.seed}
+    try:
+        write_result(path, record)
+    except OSError as e:
+        print(f"error: cannot write {path} ({e.strerror}): pass --output_dir DIR", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
