@@ -534,15 +534,16 @@ def load_fp32_state_dict(path: str, frozen: dict[str, torch.Tensor], trust: bool
     weights), after verify_checkpoint: DeepSpeed's consolidation unpickles with
     weights_only=False, so nothing unverified reaches it.
 
-    DeepSpeed 0.19's zero_to_fp32 leaves frozen parameters out of ZeRO-1 checkpoints, so
-    `frozen` (from frozen_parameters) fills whatever the checkpoint lacks.
+    `frozen` (from frozen_parameters: the fixed sin-cos tables, exact in fp32) wins over the
+    checkpoint: DeepSpeed stores frozen parameters only in the engine's precision (a bf16 copy
+    under bf16) and leaves them out of ZeRO-1 checkpoints altogether.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = os.path.normpath(path)
     verify_checkpoint(path, trust)
     state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
-    return {**frozen, **state}
+    return {**state, **frozen}
 
 
 def consolidated_fp32_state_dict(output_dir: str, tag: str, frozen: dict[str, torch.Tensor],

@@ -103,3 +103,22 @@ def test_an_export_carries_timm_pretrained_cfg_and_is_readable_by_everyone(tmp_p
     before = (tmp_path / "encoder.json").read_bytes()
     complete_export(str(tmp_path))  # idempotent
     assert (tmp_path / "encoder.json").read_bytes() == before
+
+
+def test_fixed_tables_in_the_export_are_the_exact_fp32_ones(monkeypatch, tmp_path):
+    """Under bf16 a checkpoint holds a bf16 copy of the frozen sin-cos table; the export must carry
+    the exact fp32 table instead (frozen parameters win over the checkpoint's copy)."""
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
+    import img2vec.checkpoint as checkpoint
+    from img2vec.vit import sincos_pos_embed
+
+    exact = sincos_pos_embed(64, 4, cls_token=True)
+    rounded = exact.bfloat16().float()
+    assert not torch.equal(exact, rounded)  # the case exists: bf16 changes the table
+    trained = torch.randn(3, 3)
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda path, trust: None)
+    monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint",
+                        lambda folder, tag: {"encoder.pos_embed": rounded, "encoder.w": trained})
+    state = checkpoint.load_fp32_state_dict(str(tmp_path / "step_000001"), {"encoder.pos_embed": exact})
+    assert torch.equal(state["encoder.pos_embed"], exact) and torch.equal(state["encoder.w"], trained)
