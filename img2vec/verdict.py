@@ -96,7 +96,7 @@ def learning_verdict(encoder: torch.nn.Module, init_encoder: torch.nn.Module, im
     from img2vec.eval.knn import knn_accuracy
 
     train_dir, val_dir = verdict_splits(data, cache_dir)
-    transform = eval_transform(image_size)
+    transform = eval_transform(image_size, crop_pct=1.0)  # the held-out crops are already squares of this size
     splits = [image_folder(d, transform) for d in (train_dir, val_dir)]
     if splits[0].classes != splits[1].classes:
         raise ValueError(f"train and val class folders differ: {splits[0].classes} vs {splits[1].classes}")

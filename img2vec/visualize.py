@@ -112,7 +112,7 @@ def visualize(checkpoint: str, image_paths: list[str], out_dir: str, seed: int =
               mask_ratio: float | None = None, trust: bool = False) -> list[str]:
     """Write one PNG per image into out_dir; return their paths."""
     student, teacher, cfg = load_run(checkpoint, trust)
-    transform = eval_transform(cfg.image_size)
+    transform = eval_transform(cfg.image_size, crop_pct=1.0)  # show every patch of the image
     images = torch.stack([transform(_open_rgb(p)) for p in image_paths])  # (B, 3, H, W)
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
     cos, masked = patch_cosine(student, teacher, images, ratio, cfg.loss_eps, seed)

@@ -96,7 +96,7 @@ def test_an_export_carries_timm_pretrained_cfg_and_is_readable_by_everyone(tmp_p
         == {"encoder.safetensors": "0o644", "encoder.json": "0o644"}
     meta = json.loads((tmp_path / "encoder.json").read_text())
     config = resolve_data_config(pretrained_cfg=meta["pretrained_cfg"])
-    assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 1.0  # timm's defaults: 224, 0.875
+    assert config["input_size"] == [3, 32, 32] and config["crop_pct"] == 0.875  # MAE's and DINO's protocol
     image = Image.fromarray(torch.randint(0, 256, (45, 60, 3), dtype=torch.uint8,
                                           generator=torch.Generator().manual_seed(0)).numpy())
     torch.testing.assert_close(create_transform(**config)(image), eval_transform(32)(image), atol=1e-6, rtol=0)

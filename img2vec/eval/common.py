@@ -20,6 +20,7 @@ import torch.nn as nn
 import yaml
 
 from img2vec.checkpoint import consolidated_fp32_state_dict, frozen_parameters, newest_complete
+from img2vec.pretrained_cfg import EVAL_CROP_PCT
 from img2vec.vit import VIT_SIZES, VitEncoder
 
 POOLS = ("cls", "avg")  # cls: class token (timm global_pool="token"); avg: mean of patch tokens
@@ -143,13 +144,16 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
 # --- Data: labeled ImageFolder splits (root/<class>/<image>) --------------------------------
 
 
-def eval_transform(image_size: int):
-    """Resize the short side to image_size, center crop, normalize (ImageNet mean/std)."""
+def eval_transform(image_size: int, crop_pct: float = EVAL_CROP_PCT):
+    """Resize the short side to image_size / crop_pct (bicubic), center crop image_size, normalize
+    (ImageNet mean/std): the field's evaluation protocol (timm's crop_pct, crop_mode "center")."""
     import torchvision.transforms as T
 
     from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
 
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return T.Compose([T.Resize(int(image_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
