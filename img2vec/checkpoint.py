@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from img2vec.config import Config
+
 log = logging.getLogger("img2vec")
 
 MANIFEST = "manifest.json"
@@ -44,8 +46,7 @@ MANIFEST_FORMAT = 2
 STATE = "img2vec_state.json"
 # Config keys that fix the shapes of the weights: a checkpoint written with other values
 # cannot be loaded into this run.
-ARCHITECTURE_KEYS = ("model", "patch_size", "image_size", "decoder_depth", "decoder_width",
-                     "decoder_heads", "teacher", "teacher_stage")
+ARCHITECTURE_KEYS = Config.architecture_keys()
 # Engine facts a checkpoint records (save_checkpoint reads them off the engine): resuming under
 # other values would change what a step means or could not load the optimizer's shards.
 ENGINE_KEYS = {"world_size": "world size", "micro_batch": "micro-batch", "accum_steps": "accumulation steps",
@@ -453,7 +454,7 @@ def newest_complete(output_dir: str) -> str | None:
 def _compatibility(path: str, state: dict, engine, config: dict) -> str | None:
     """None if this run may continue the checkpoint's; else one line saying what changed."""
     theirs = {k: state["config"].get(k) for k in ARCHITECTURE_KEYS}
-    ours = {k: config[k] for k in ARCHITECTURE_KEYS}
+    ours = {k: config.get(k) for k in ARCHITECTURE_KEYS}
     if theirs != ours:
         diff = ", ".join(f"{k}={theirs[k]} (this run: {ours[k]})" for k in ARCHITECTURE_KEYS if theirs[k] != ours[k])
         return f"checkpoint {path} was written for another model: {diff}; use a new output_dir or the same settings"

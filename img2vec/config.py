@@ -174,7 +174,8 @@ class Config(_Loadable):
         from img2vec.hog import WEIGHT_FREE_TEACHERS, check_patch_size
 
         if self.teacher == "auto":  # real weights keep the paper's teacher; none: a teacher that needs none
-            self.teacher = "resnet50" if self.teacher_weights else "hog"
+            self.teacher = "resnet50" if self.teacher_weights else "hog" if self.resolved_patch_size % 8 == 0 \
+                else "pixels"  # HOG's cells are 8 pixels
         if not 0.0 < self.collapse_fraction < 1.0:
             raise ConfigError(f"collapse_fraction must be in (0, 1), got {self.collapse_fraction}")
         if self.verdict_data not in ("", "photos", "digits") and not all(

@@ -91,4 +91,5 @@ def build_student_from_config(cfg: Config, out_channels: int, attn_impl: str = "
     from img2vec.vit import build_student
 
     return build_student(cfg.model, cfg.image_size, cfg.resolved_patch_size, out_channels, cfg.decoder_depth,
-                         cfg.decoder_width, cfg.decoder_heads, attn_impl, cfg.grad_ckpt)
+                         cfg.decoder_width, cfg.decoder_heads, attn_impl, cfg.grad_ckpt,
+                         drop_path=cfg.drop_path)

@@ -9,8 +9,18 @@ from img2vec.config import GROUPS, Config, ConfigError, FinetuneConfig, load_con
 
 def test_defaults_are_the_embedded_smoke_run():
     cfg = load_config()
-    assert cfg.model == "vit_tiny" and cfg.data_path == "" and cfg.teacher == "resnet50"
-    assert cfg.teacher_stage == 3 and cfg.loss_beta == 2.0 and cfg.resolved_patch_size == 16
+    assert cfg.model == "vit_tiny" and cfg.data_path == "" and cfg.teacher == "hog"  # no weights: HOG
+    assert cfg.loss == "smooth_l1" and cfg.loss_beta == 2.0 and cfg.resolved_patch_size == 16
+
+
+def test_auto_teacher_is_the_papers_with_weights_and_weight_free_without(tmp_path):
+    weights = tmp_path / "r50.pth"
+    weights.write_bytes(b"")
+    assert load_config(None, ["--teacher_weights", "random"]).teacher == "resnet50"
+    assert load_config(None, ["--teacher_weights", str(weights)]).teacher == "resnet50"
+    assert load_config(None, ["--data_path", str(tmp_path)]).teacher == "hog"
+    huge = load_config(None, ["--model", "vit_huge", "--patch_size", "0", "--image_size", "224"])
+    assert huge.teacher == "pixels"  # patch 14: HOG's 8-pixel cells do not tile it
 
 
 def test_yaml_then_flags_override_in_order(tmp_path):
@@ -39,7 +49,7 @@ def test_huge_preset_uses_patch_14():
     (["--mask_ratio", "1.0"], r"mask_ratio must be in \(0, 1\), got 1.0"),
     (["--mask_ratio", "0"], r"mask_ratio must be in \(0, 1\)"),
     (["--image_size", "100"], r"image_size 100 is not divisible by patch_size 16"),
-    (["--teacher_stage", "7"], r"teacher resnet50 has stages 0..4"),
+    (["--teacher", "resnet50", "--teacher_stage", "7"], r"teacher resnet50 has stages 0..4"),
     (["--teacher", "resnet5000"], r"unknown teacher 'resnet5000'"),
     (["--model", "vit_gigantic"], r"model must be one of"),
     (["--loss_impl", "cuda"], r"loss_impl must be one of auto, triton, reference"),
@@ -54,7 +64,7 @@ def test_each_mistake_gets_one_clear_line(overrides, message):
 
 def test_own_data_needs_teacher_weights_said_explicitly(tmp_path):
     with pytest.raises(ConfigError, match="set teacher_weights"):
-        load_config(None, ["--data_path", str(tmp_path)])
+        load_config(None, ["--data_path", str(tmp_path), "--teacher", "resnet50"])
     assert load_config(None, ["--data_path", str(tmp_path), "--teacher_weights", "random"]).teacher_weights == "random"
     with pytest.raises(ConfigError, match="teacher_weights file not found"):
         load_config(None, ["--teacher_weights", str(tmp_path / "missing.pth")])
