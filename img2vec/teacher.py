@@ -277,8 +277,27 @@ class Teacher(nn.Module):
         else:
             load_teacher_weights(self.backbone, weights)
         self.backbone.requires_grad_(False)
+        self._set_input_normalization()
         self._channels_last = False
         self.eval()
+
+    def _set_input_normalization(self) -> None:
+        """Images arrive normalized with ImageNet's mean/std; a teacher trained with others (CLIP,
+        BEiT, Inception-style 0.5/0.5) gets its own: x' = x * std_in / std_t + (mean_in - mean_t) / std_t,
+        one fused multiply-add on the device."""
+        from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+        cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+        self.renormalize = not (torch.allclose(torch.tensor(mean), torch.tensor(IMAGENET_MEAN))
+                                and torch.allclose(torch.tensor(std), torch.tensor(IMAGENET_STD)))
+        mean_in, std_in, mean_t, std_t = (torch.tensor(v).view(1, 3, 1, 1)
+                                          for v in (IMAGENET_MEAN, IMAGENET_STD, mean, std))
+        self.register_buffer("in_scale", std_in / std_t, persistent=False)  # (1, 3, 1, 1)
+        self.register_buffer("in_shift", (mean_in - mean_t) / std_t, persistent=False)  # (1, 3, 1, 1)
+        if self.renormalize:
+            logger.info("teacher %s expects mean %s, std %s: images are re-normalized for it", self.name,
+                        tuple(round(m, 4) for m in mean), tuple(round(v, 4) for v in std))
 
     @property
     def channels(self) -> int:
@@ -308,6 +327,8 @@ class Teacher(nn.Module):
         """
         B, _, H, W = images.shape
         gh, gw = H // self.patch_size, W // self.patch_size
+        if self.renormalize:
+            images = torch.addcmul(self.in_shift, images, self.in_scale)  # the teacher's own mean/std
         s = self.stride
         if self.info.kind == "vit" and (H % s or W % s):  # the pixels a stride-s conv would skip
             images = images[..., :H - H % s, :W - W % s]  # (B, 3, H // s * s, W // s * s)

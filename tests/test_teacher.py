@@ -55,6 +55,30 @@ def test_shape_dtype_frozen_eval(cnn3):
     assert not any(p.requires_grad for p in cnn3.parameters())
 
 
+def teachers_own_normalization(x, teacher):
+    """ImageNet-normalized images -> normalized with the teacher's timm pretrained_cfg mean/std."""
+    from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+    def col(v):
+        return torch.tensor(v).view(1, 3, 1, 1)
+
+    cfg = teacher.backbone.pretrained_cfg
+    raw = x * col(IMAGENET_STD) + col(IMAGENET_MEAN)  # back to [0, 1] pixels
+    return (raw - col(cfg["mean"])) / col(cfg["std"])
+
+
+def test_teacher_gets_its_own_input_normalization():
+    """A teacher trained with other mean/std (timm's test models, CLIP, BEiT: 0.5/0.5 and others)
+    sees its own normalization; an ImageNet-normalized teacher sees the images untouched."""
+    odd = Teacher("test_resnet", 3, "random", P, image_size=64)
+    assert odd.backbone.pretrained_cfg["mean"] != (0.485, 0.456, 0.406) and odd.renormalize
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(odd(x), odd.backbone(teachers_own_normalization(x, odd))[0].flatten(2).transpose(1, 2))
+    imagenet = Teacher("resnet18", 3, "random", P, image_size=64)
+    assert not imagenet.renormalize
+    torch.testing.assert_close(imagenet(x), imagenet.backbone(x)[0].flatten(2).transpose(1, 2))
+
+
 @pytest.mark.parametrize("stage,size,how", [
     (3, 64, "none"),         # stride 16 == p: 4x4 map is the grid
     (2, 64, "pool"),         # stride 8: 8x8 -> 4x4
@@ -65,7 +89,7 @@ def test_shape_dtype_frozen_eval(cnn3):
 def test_patch_grid_resampling(stage, size, how, cnn3):
     t = cnn3 if stage == 3 else Teacher("test_resnet", stage, "random", P, image_size=size)
     x = torch.randn(2, 3, size, size)
-    fmap = t.backbone(x)[0]  # (B, C, h, w), raw stage output
+    fmap = t.backbone(teachers_own_normalization(x, t))[0]  # (B, C, h, w), raw stage output
     g = size // P
     if how == "pool":
         ref = F.adaptive_avg_pool2d(fmap, (g, g))
@@ -91,7 +115,7 @@ def test_vit_patch_tokens_of_block_k(name, stage):
     x = torch.randn(2, 3, 64, 64)
     s = m.patch_embed.patch_size[0]
     with torch.no_grad():  # patch 14: the ViT sees the top-left 56 x 56 px
-        h = m.patch_embed(x[..., :64 // s * s, :64 // s * s])  # (B, h, w, C)
+        h = m.patch_embed(teachers_own_normalization(x, t)[..., :64 // s * s, :64 // s * s])  # (B, h, w, C)
         h = m.norm_pre(m.patch_drop(m._pos_embed(h)))  # (B, prefix + hw, C)
         for blk in m.blocks:
             h = blk(h)
