@@ -410,7 +410,7 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> 
             if epoch_done:  # before the checkpoint: a run resumed from it never misses this evaluation
                 result = evaluate(run.engine.module, run.val_set, rt, cfg.seed)
                 metrics.log(step, {"epoch": epoch + 1, **result})
-                log.info("epoch %d: val top1 %.2f%%, top5 %.2f%%", epoch + 1, result["val_top1"], result["val_top5"])
+                log.info("epoch %d: val top1 %.2f%%, top5 %.2f%%", epoch + 1, result["top1"], result["top5"])
             stopping = stop.requested
             if rt.world_size > 1:  # all ranks must stop at the same step: agree where they sync anyway
                 stopping = (step % cfg.log_every == 0 or epoch_done) and agree_any(stopping, rt.device)
@@ -446,7 +446,7 @@ def evaluate(model: nn.Module, val_set, rt: Runtime, seed: int) -> dict[str, flo
                                device=rt.device)
     dist.all_reduce(counts)  # the sync point of an evaluation
     model.train()
-    return {"val_top1": 100.0 * (counts[0] / counts[2]).item(), "val_top5": 100.0 * (counts[1] / counts[2]).item()}
+    return {"top1": 100.0 * (counts[0] / counts[2]).item(), "top5": 100.0 * (counts[1] / counts[2]).item()}
 
 
 # --- The end of a run -------------------------------------------------------------------------
@@ -465,7 +465,7 @@ def save_classifier(cfg: FinetuneConfig, rank: int, step: int, run: Finetuning, 
         with open(os.path.join(cfg.output_dir, "classifier.json"), "w") as f:
             json.dump({"timm_class": "timm.models.vision_transformer.VisionTransformer",
                        "timm_kwargs": run.timm_kwargs, "classes": run.classes, **result}, f, indent=2)
-        log.info("done: %d steps, val top1 %.2f%%; classifier at %s", step, result.get("val_top1", math.nan),
+        log.info("done: %d steps, val top1 %.2f%%; classifier at %s", step, result.get("top1", math.nan),
                  os.path.join(cfg.output_dir, "classifier.safetensors"))
     dist.barrier()
 

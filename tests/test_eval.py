@@ -173,16 +173,16 @@ def test_finetune_from_pretrained_and_from_random_init_on_digits(tmp_path_factor
     # The same recipe and seed from both starting points, side by side (one core each).
     procs = {init: start_finetune(tmp_path / init, run, data, init) for init in ("pretrained", "random")}
     pretrained, random = (finished(procs[init], tmp_path / init) for init in ("pretrained", "random"))
-    print(f"\ndigits fine-tune, {FINETUNE_STEPS} steps x 32: from pretrained {pretrained['val_top1']:.1f}%, "
-          f"from random init {random['val_top1']:.1f}%")
-    assert pretrained["val_top1"] > 20.0 and random["val_top1"] > 20.0  # chance is 10%; measured 40.4 and 31.1
+    print(f"\ndigits fine-tune, {FINETUNE_STEPS} steps x 32: from pretrained {pretrained['top1']:.1f}%, "
+          f"from random init {random['top1']:.1f}%")
+    assert pretrained["top1"] > 20.0 and random["top1"] > 20.0  # chance is 10%; measured 40.4 and 31.1
 
     # The fine-tuned classifier is a plain timm model: strict load, head included.
     model = VisionTransformer(**pretrained["timm_kwargs"]).eval()
     model.load_state_dict(load_file(str(tmp_path / "pretrained" / "classifier.safetensors")), strict=True)
     assert model.head.out_features == 10 and pretrained["classes"] == [str(c) for c in range(10)]
     rows = [json.loads(line) for line in (tmp_path / "pretrained" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["val_top1"] == pretrained["val_top1"] and all(math.isfinite(r.get("loss", 0)) for r in rows)
+    assert rows[-1]["top1"] == pretrained["top1"] and all(math.isfinite(r.get("loss", 0)) for r in rows)
 
 
 @pytest.mark.e2e
@@ -293,3 +293,19 @@ def test_result_path_puts_the_json_beside_each_encoder_form(tmp_path):
     assert result_path(str(run / "checkpoints" / "step_000050"), "knn") == str(run / "knn.step_000050.json")
     assert result_path(str(run / "checkpoints" / "step_000050"), "knn", str(tmp_path / "o")) == \
         str(tmp_path / "o" / "knn.step_000050.json")
+
+
+def test_eval_transform_resizes_to_256_over_224_and_center_crops():
+    """MAE's, dBOT's and DINO's protocol: short side to size / 0.875 (256 for 224), bicubic, center crop."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from img2vec.eval.common import eval_transform
+
+    resize, crop = eval_transform(224).transforms[:2]
+    assert resize.size == 256 and resize.interpolation == T.InterpolationMode.BICUBIC and crop.size == (224, 224)
+    assert eval_transform(224, crop_pct=1.0).transforms[0].size == 224
+    image = Image.new("RGB", (400, 300))
+    assert eval_transform(224)(image).shape == (3, 224, 224)
+    with pytest.raises(ValueError, match="crop_pct"):
+        eval_transform(224, crop_pct=0)

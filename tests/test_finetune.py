@@ -282,7 +282,7 @@ def test_each_finetune_preset_runs_three_steps_at_tiny_size(tmp_path, name):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows
                                                                          if "loss" in r)
     result = json.loads((out / "classifier.json").read_text())
-    assert result["timm_kwargs"]["global_pool"] == "avg" and "val_top1" in result
+    assert result["timm_kwargs"]["global_pool"] == "avg" and "top1" in result
     from timm.models.vision_transformer import VisionTransformer
 
     VisionTransformer(**result["timm_kwargs"]).load_state_dict(load_file(str(out / "classifier.safetensors")))
@@ -320,7 +320,7 @@ def test_finetune_resumes_bitwise_after_sigterm(tmp_path):
     a, b = load_file(str(whole / "classifier.safetensors")), load_file(str(stopped / "classifier.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     before = json.loads((whole / "classifier.json").read_text())
-    assert json.loads((stopped / "classifier.json").read_text())["val_top1"] == before["val_top1"]
+    assert json.loads((stopped / "classifier.json").read_text())["top1"] == before["top1"]
 
 
 def test_a_missing_encoder_or_an_odd_mixup_batch_is_one_line_exit_2(tmp_path):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder
+from img2vec.pretrained_cfg import EVAL_CROP_PCT
 from img2vec.eval.results import accuracy_line, open_encoder_and_splits, publish, rounded
 
 
@@ -66,8 +67,8 @@ class KnnMonitor:
 
     def __init__(self, train_dir: str, val_dir: str, image_size: int, pool: str = "cls", k: int = 20,
                  temperature: float = 0.07, batch_size: int = 256, max_train: int = 0, max_val: int = 0,
-                 seed: int = 0):
-        transform = eval_transform(image_size)
+                 seed: int = 0, crop_pct: float = EVAL_CROP_PCT):
+        transform = eval_transform(image_size, crop_pct)
         train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
         if train.classes != val.classes:
             raise ValueError(f"train and val class folders differ: {train.classes} vs {val.classes}")
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--encoder", required=True,
                         help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
+    parser.add_argument("--crop_pct", "--crop-pct", type=float, default=EVAL_CROP_PCT,
+                        help="resize to image_size / crop_pct, center crop image_size (MAE, DINO: 0.875)")
     parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
                         help="allow checkpoint pickles that would run code (only for files you trust)")
     parser.add_argument(*option_names("data_path"), help="ImageFolder root with train/ and val/")
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encoder, train_dir, val_dir = open_encoder_and_splits(args)
         monitor = KnnMonitor(train_dir, val_dir, encoder.image_size, args.pool, args.k, args.temperature,
-                             args.batch_size)
+                             args.batch_size, crop_pct=args.crop_pct)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder
+from img2vec.pretrained_cfg import EVAL_CROP_PCT
 from img2vec.eval.knn import topk_accuracy
 from img2vec.eval.results import accuracy_line, open_encoder_and_splits, publish, rounded
 
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--encoder", required=True,
                         help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
+    parser.add_argument("--crop_pct", "--crop-pct", type=float, default=EVAL_CROP_PCT,
+                        help="resize to image_size / crop_pct, center crop image_size (MAE, DINO: 0.875)")
     parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
                         help="allow checkpoint pickles that would run code (only for files you trust)")
     parser.add_argument(*option_names("data_path"), help="ImageFolder root with train/ and val/")
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output_dir {args.output_dir} is a file: pass a folder")
     try:
         encoder, train_dir, val_dir = open_encoder_and_splits(args)
-        transform = eval_transform(encoder.image_size)
+        transform = eval_transform(encoder.image_size, args.crop_pct)
         train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
