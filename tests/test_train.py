@@ -65,6 +65,23 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(data_dir, tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_resume_logs_what_changed_keeps_one_config_per_launch_and_no_duplicate_metrics(data_dir, tmp_path):
+    run, ds = tmp_path / "run", write_ds_config(tmp_path / "ds.json", 2, 8)
+    train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+    shutil.rmtree(Path(checkpoint_dir(str(run))) / step_tag(4))  # killed before the step-4 checkpoint landed
+    proc = train(run, data_dir, ds, "--max_steps", "6", "--ckpt_every", "2")
+    assert f"resumed from {Path(checkpoint_dir(str(run))) / step_tag(2)}" in proc.stderr
+    assert "resumed with changed settings: max_steps 4 -> 6" in proc.stderr
+    assert "the LR schedule changes at step 2: 4 -> 6 steps in all" in proc.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 of the first launch were dropped, then logged again
+    assert [r for r in rows if r.get("event") == "resumed"] == [
+        {"step": 2, "event": "resumed", "total_steps": 6, "previous_total_steps": 4}]
+    assert {p.name for p in run.glob("config*.yaml")} == {"config.yaml", "config.000000.yaml", "config.000002.yaml"}
+
+
+@pytest.mark.e2e
 def test_two_processes_zero3_match_one_process_at_the_same_global_batch(data_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     train(one, data_dir, write_ds_config(tmp_path / "ds8.json", 3, 8), "--max_steps", "4")
