@@ -45,15 +45,15 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from img2vec.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, consolidated_fp32_state_dict,
+from img2vec.checkpoint import (ARCHITECTURE_KEYS, consolidated_fp32_state_dict,
                                 resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, FinetuneConfig, build_parser, config_from_args, print_config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard, log_window
 from img2vec.metrics import MetricsLogger, append_event
 from img2vec.optim import cosine_schedule
-from img2vec.run_lock import RunLockedError, lock_run_dir
-from img2vec.runtime import Runtime, build_engine, launch_world_size, resolve_batch, setup_runtime
+from img2vec.run_lock import lock_run_dir
+from img2vec.runtime import Runtime, build_engine, launch_world_size, resolve_batch, setup_runtime, user_error
 from img2vec.signals import GracefulStop
 
 log = logging.getLogger("img2vec")
@@ -76,17 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         if (cfg.mixup > 0 or cfg.cutmix > 0) and rt.micro_batch % 2:
             raise ConfigError(f"mixup/cutmix pair each image with another: use an even batch_size, "
                               f"got {rt.micro_batch}")
-        lock_output_dir(cfg.output_dir)  # one run per folder, before anything slow
+        lock_run_dir(cfg.output_dir)  # one run per folder, held until exit; before anything slow
         run = build_finetuning(cfg, rt, classes)
         state = resume(cfg, rt, run)
         step, result, exit_code = finetune(cfg, rt, run, state)
         if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
             return exit_code
         save_classifier(cfg, rt.rank, step, run, result)
-    except (ConfigError, FileNotFoundError, RunLockedError, CheckpointError) as e:  # the user can fix it
-        kind = next(k for k, t in [("config", ConfigError), ("encoder", FileNotFoundError),
-                                   ("output_dir", RunLockedError), ("checkpoint", CheckpointError)] if isinstance(e, t))
-        print(f"{kind} error: {' '.join(str(e).split())}", file=sys.stderr)
+    except Exception as e:
+        if user_error(e) is None:  # a bug: keep the traceback
+            raise
+        print(user_error(e), file=sys.stderr)  # a mistake the user can fix: one line, exit 2
         return 2
     return 0
 
@@ -116,15 +116,6 @@ def class_names(data_path: str) -> list[str]:
     if train != val:
         raise ConfigError(f"train and val class folders differ in {data_path}")
     return train
-
-
-def lock_output_dir(output_dir: str) -> None:
-    """Take the run folder's lock (held until exit); an unwritable folder is a one-line error."""
-    try:
-        lock_run_dir(output_dir)
-    except OSError as e:
-        raise RunLockedError(f"cannot write to output_dir {output_dir} ({e.strerror}); pick another "
-                             f"output_dir") from None
 
 
 def resume(cfg: FinetuneConfig, rt: Runtime, run: "Finetuning") -> dict:

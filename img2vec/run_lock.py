@@ -140,6 +140,8 @@ def lock_run_dir(output_dir: str) -> RunLock | None:
             lock = RunLock(output_dir).acquire()
         except RunLockedError as e:
             message = str(e)
+        except OSError as e:  # a file, a read-only folder, no permission
+            message = f"cannot write to output_dir {output_dir} ({e.strerror}); pick another output_dir"
     if dist.is_initialized() and dist.get_world_size() > 1:
         flag = torch.tensor([float(bool(message))],
                             device="cuda" if dist.get_backend() == "nccl" else "cpu")

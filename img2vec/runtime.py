@@ -93,3 +93,16 @@ def build_student_from_config(cfg: Config, out_channels: int, attn_impl: str = "
     return build_student(cfg.model, cfg.image_size, cfg.resolved_patch_size, out_channels, cfg.decoder_depth,
                          cfg.decoder_width, cfg.decoder_heads, attn_impl, cfg.grad_ckpt,
                          drop_path=cfg.drop_path)
+
+
+def user_error(err: Exception) -> str | None:
+    """One line for a mistake the user can fix (the entry points print it and exit 2); None for
+    anything else, which is a bug and keeps its traceback."""
+    from dataloading import DataError
+    from img2vec.checkpoint import CheckpointError
+    from img2vec.run_lock import RunLockedError
+
+    kinds = [("config", ConfigError), ("data", DataError), ("output_dir", RunLockedError),
+             ("checkpoint", CheckpointError), ("file", FileNotFoundError)]
+    kind = next((name for name, t in kinds if isinstance(err, t)), None)
+    return kind and f"{kind} error: {' '.join(str(err).split())}"

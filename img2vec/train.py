@@ -21,18 +21,17 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 import torch
 import torch.distributed as dist
 
-from dataloading import DataError
+from img2vec.checkpoint import (export_encoder, frozen_parameters, load_fp32_state_dict, resume_checkpoint,
+                                save_checkpoint)
 from img2vec.collapse import CollapseAlarm
-from img2vec.checkpoint import (CheckpointError, export_encoder, frozen_parameters, load_fp32_state_dict,
-                                resume_checkpoint, save_checkpoint)
-from img2vec.config import Config, ConfigError, build_parser, config_from_args, print_config
+from img2vec.config import Config, build_parser, config_from_args, print_config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, append_event, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
-from img2vec.run_lock import RunLockedError, lock_run_dir
-from img2vec.runtime import Runtime, launch_world_size, resolve_batch, setup_runtime
+from img2vec.run_lock import lock_run_dir
+from img2vec.runtime import Runtime, launch_world_size, resolve_batch, setup_runtime, user_error
 from img2vec.signals import GracefulStop
 from img2vec.token_diversity import collapse_probe
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print_config(resolved)
             return 0
         rt, cfg = setup_runtime(args.ds_config, cfg)
-        lock_output_dir(cfg.output_dir)  # one run per folder, before anything slow
+        lock_run_dir(cfg.output_dir)  # one run per folder, held until exit; before anything slow
         run = build_pretraining(cfg, rt)
         step, skipped_steps = resume(cfg, rt, run)
         step, exit_code = pretrain(cfg, rt, run, step, skipped_steps)
@@ -60,24 +59,15 @@ def main(argv: list[str] | None = None) -> int:
             return exit_code
         report_skipped_files(run.loader, rt.rank, cfg.data_path)
         export(cfg, rt, run, step)
-    except (ConfigError, DataError, RunLockedError, CheckpointError) as e:  # the user can fix it: one line
-        kind = next(k for k, t in [("config", ConfigError), ("data", DataError), ("output_dir", RunLockedError),
-                                   ("checkpoint", CheckpointError)] if isinstance(e, t))
-        print(f"{kind} error: {e}", file=sys.stderr)
+    except Exception as e:
+        if user_error(e) is None:  # a bug: keep the traceback
+            raise
+        print(user_error(e), file=sys.stderr)  # a mistake the user can fix: one line, exit 2
         return 2
     return 0
 
 
 # --- Set-up ---------------------------------------------------------------------------------
-
-
-def lock_output_dir(output_dir: str) -> None:
-    """Take the run folder's lock (held until exit); an unwritable folder is a one-line error."""
-    try:
-        lock_run_dir(output_dir)
-    except OSError as e:
-        raise RunLockedError(f"cannot write to output_dir {output_dir} ({e.strerror}); pick another "
-                             f"output_dir") from None
 
 
 @dataclass
