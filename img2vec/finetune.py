@@ -47,23 +47,21 @@ from torch.utils.data.distributed import DistributedSampler
 
 from img2vec.checkpoint import (ARCHITECTURE_KEYS, consolidated_fp32_state_dict,
                                 resume_checkpoint, save_checkpoint, step_tag)
-from img2vec.config import ConfigError, FinetuneConfig, build_parser, config_from_args, print_config
+from img2vec.config import ConfigError, FinetuneConfig, config_from_args, print_config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard, log_window
 from img2vec.metrics import MetricsLogger, append_event
 from img2vec.optim import cosine_schedule
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import Runtime, build_engine, launch_world_size, resolve_batch, setup_runtime, user_error
+from img2vec.runtime import (Runtime, build_engine, entry_parser, launch_world_size, resolve_batch, setup_runtime,
+                             user_error)
 from img2vec.signals import GracefulStop
 
 log = logging.getLogger("img2vec")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(FinetuneConfig, __doc__.split("\n")[0])
-    parser.add_argument("--ds_config", "--ds-config", required=True,
-                        help="DeepSpeed JSON (engine: precision, ZeRO, clipping; batch unless batch_size/accum_iter)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser = entry_parser(FinetuneConfig, __doc__.split("\n")[0])
     args = parser.parse_args(argv)
     try:
         cfg = with_output_dir(config_from_args(FinetuneConfig, args))

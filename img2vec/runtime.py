@@ -106,3 +106,14 @@ def user_error(err: Exception) -> str | None:
              ("checkpoint", CheckpointError), ("file", FileNotFoundError)]
     kind = next((name for name, t in kinds if isinstance(err, t)), None)
     return kind and f"{kind} error: {' '.join(str(err).split())}"
+
+
+def entry_parser(config_cls, description: str):
+    """The parser of a DeepSpeed entry point: every key of config_cls, plus the engine's JSON."""
+    from img2vec.config import build_parser
+
+    parser = build_parser(config_cls, description)
+    parser.add_argument("--ds_config", "--ds-config", required=True,
+                        help="DeepSpeed JSON (engine: precision, ZeRO, clipping; batch unless batch_size/accum_iter)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return parser

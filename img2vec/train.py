@@ -24,14 +24,14 @@ import torch.distributed as dist
 from img2vec.checkpoint import (export_encoder, frozen_parameters, load_fp32_state_dict, resume_checkpoint,
                                 save_checkpoint)
 from img2vec.collapse import CollapseAlarm
-from img2vec.config import Config, build_parser, config_from_args, print_config
+from img2vec.config import Config, config_from_args, print_config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, append_event, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import Runtime, launch_world_size, resolve_batch, setup_runtime, user_error
+from img2vec.runtime import Runtime, entry_parser, launch_world_size, resolve_batch, setup_runtime, user_error
 from img2vec.signals import GracefulStop
 from img2vec.token_diversity import collapse_probe
 
@@ -39,10 +39,7 @@ log = logging.getLogger("img2vec")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(Config, __doc__.split("\n")[0])
-    parser.add_argument("--ds_config", "--ds-config", required=True,
-                        help="DeepSpeed JSON (engine: precision, ZeRO, clipping; batch unless batch_size/accum_iter)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser = entry_parser(Config, __doc__.split("\n")[0])
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(Config, args)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder
 from img2vec.pretrained_cfg import EVAL_CROP_PCT
-from img2vec.eval.results import accuracy_line, open_encoder_and_splits, publish, rounded
+from img2vec.eval.results import accuracy_line, eval_parser, open_encoder_and_splits, publish, rounded
 
 
 @torch.no_grad()
@@ -93,18 +93,9 @@ class KnnMonitor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from img2vec.config import OneLineParser, option_names
+    from img2vec.config import option_names
 
-    parser = OneLineParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--encoder", required=True,
-                        help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
-    parser.add_argument("--crop_pct", "--crop-pct", type=float, default=EVAL_CROP_PCT,
-                        help="resize to image_size / crop_pct, center crop image_size (MAE, DINO: 0.875)")
-    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
-                        help="allow checkpoint pickles that would run code (only for files you trust)")
-    parser.add_argument(*option_names("data_path"), help="ImageFolder root with train/ and val/")
-    parser.add_argument("--train", help="train split (instead of --data_path)")
-    parser.add_argument("--val", help="val split (instead of --data_path)")
+    parser = eval_parser(__doc__.split("\n")[0])
     parser.add_argument("--k", type=int, default=20, help="neighbours that vote")
     parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / temperature)")
     parser.add_argument("--pool", choices=POOLS, default="cls", help="image feature: class token or mean of patches")

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder
-from img2vec.pretrained_cfg import EVAL_CROP_PCT
 from img2vec.eval.knn import topk_accuracy
-from img2vec.eval.results import accuracy_line, open_encoder_and_splits, publish, rounded
+from img2vec.eval.results import accuracy_line, eval_parser, open_encoder_and_splits, publish, rounded
 
 
 class LARS(torch.optim.Optimizer):
@@ -112,18 +111,9 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    from img2vec.config import OneLineParser, option_names
+    from img2vec.config import option_names
 
-    parser = OneLineParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--encoder", required=True,
-                        help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
-    parser.add_argument("--crop_pct", "--crop-pct", type=float, default=EVAL_CROP_PCT,
-                        help="resize to image_size / crop_pct, center crop image_size (MAE, DINO: 0.875)")
-    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
-                        help="allow checkpoint pickles that would run code (only for files you trust)")
-    parser.add_argument(*option_names("data_path"), help="ImageFolder root with train/ and val/")
-    parser.add_argument("--train", help="train split (instead of --data_path)")
-    parser.add_argument("--val", help="val split (instead of --data_path)")
+    parser = eval_parser(__doc__.split("\n")[0])
     parser.add_argument("--pool", choices=POOLS, default="cls", help="image feature: class token or mean of patches")
     parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                         help="random: the same architecture at a seeded random init (the baseline)")

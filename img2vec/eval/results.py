@@ -84,3 +84,21 @@ def publish(args, name: str, record: dict) -> int:
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def eval_parser(description: str):
+    """The options every evaluation command shares: the encoder, the data, the crop."""
+    from img2vec.config import OneLineParser, option_names
+    from img2vec.pretrained_cfg import EVAL_CROP_PCT
+
+    parser = OneLineParser(description=description)
+    parser.add_argument("--encoder", required=True,
+                        help="encoder.safetensors, a run/export folder, or run/checkpoints/<tag>")
+    parser.add_argument("--crop_pct", "--crop-pct", type=float, default=EVAL_CROP_PCT,
+                        help="resize to image_size / crop_pct, center crop image_size (MAE, DINO: 0.875)")
+    parser.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
+                        help="allow checkpoint pickles that would run code (only for files you trust)")
+    parser.add_argument(*option_names("data_path"), help="ImageFolder root with train/ and val/")
+    parser.add_argument("--train", help="train split (instead of --data_path)")
+    parser.add_argument("--val", help="val split (instead of --data_path)")
+    return parser
