@@ -289,8 +289,7 @@ class Teacher(nn.Module):
 
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
         mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-        self.renormalize = not (torch.allclose(torch.tensor(mean), torch.tensor(IMAGENET_MEAN))
-                                and torch.allclose(torch.tensor(std), torch.tensor(IMAGENET_STD)))
+        self.renormalize = any(abs(a - b) > 1e-6 for a, b in zip(mean + std, tuple(IMAGENET_MEAN) + tuple(IMAGENET_STD)))
         mean_in, std_in, mean_t, std_t = (torch.tensor(v).view(1, 3, 1, 1)
                                           for v in (IMAGENET_MEAN, IMAGENET_STD, mean, std))
         self.register_buffer("in_scale", std_in / std_t, persistent=False)  # (1, 3, 1, 1)
