@@ -54,7 +54,7 @@ from img2vec.metrics import MetricsLogger, append_event
 from img2vec.optim import cosine_schedule
 from img2vec.run_lock import lock_run_dir
 from img2vec.runtime import (Runtime, build_engine, entry_parser, launch_world_size, resolve_batch, setup_runtime,
-                             user_error)
+                             report_user_error)
 from img2vec.signals import GracefulStop
 
 log = logging.getLogger("img2vec")
@@ -82,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             return exit_code
         save_classifier(cfg, rt.rank, step, run, result)
     except Exception as e:
-        if user_error(e) is None:  # a bug: keep the traceback
-            raise
-        print(user_error(e), file=sys.stderr)  # a mistake the user can fix: one line, exit 2
-        return 2
+        return report_user_error(e)  # a mistake the user can fix: one line, exit 2; a bug re-raises
     return 0
 
 

@@ -95,9 +95,11 @@ def build_student_from_config(cfg: Config, out_channels: int, attn_impl: str = "
                          drop_path=cfg.drop_path)
 
 
-def user_error(err: Exception) -> str | None:
-    """One line for a mistake the user can fix (the entry points print it and exit 2); None for
-    anything else, which is a bug and keeps its traceback."""
+def report_user_error(err: Exception) -> int:
+    """Print one line for a mistake the user can fix and return exit code 2; re-raise anything
+    else: a bug keeps its traceback."""
+    import sys
+
     from dataloading import DataError
     from img2vec.checkpoint import CheckpointError
     from img2vec.run_lock import RunLockedError
@@ -105,7 +107,10 @@ def user_error(err: Exception) -> str | None:
     kinds = [("config", ConfigError), ("data", DataError), ("output_dir", RunLockedError),
              ("checkpoint", CheckpointError), ("file", FileNotFoundError)]
     kind = next((name for name, t in kinds if isinstance(err, t)), None)
-    return kind and f"{kind} error: {' '.join(str(err).split())}"
+    if kind is None:
+        raise err
+    print(f"{kind} error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
 
 
 def entry_parser(config_cls, description: str):

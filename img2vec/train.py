@@ -31,7 +31,7 @@ from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, append_event, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import Runtime, entry_parser, launch_world_size, resolve_batch, setup_runtime, user_error
+from img2vec.runtime import Runtime, entry_parser, launch_world_size, resolve_batch, setup_runtime, report_user_error
 from img2vec.signals import GracefulStop
 from img2vec.token_diversity import collapse_probe
 
@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         report_skipped_files(run.loader, rt.rank, cfg.data_path)
         export(cfg, rt, run, step)
     except Exception as e:
-        if user_error(e) is None:  # a bug: keep the traceback
-            raise
-        print(user_error(e), file=sys.stderr)  # a mistake the user can fix: one line, exit 2
-        return 2
+        return report_user_error(e)  # a mistake the user can fix: one line, exit 2; a bug re-raises
     return 0
 
 
