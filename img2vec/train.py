@@ -211,7 +211,7 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
         epoch, offset = divmod(micro_step, run.loader.steps_per_epoch)
         for batch in run.loader.iter_from(epoch, offset):
             images = batch["images"].to(rt.device, non_blocking=True)  # (B, 3, H, W) fp32
-            target = run.teacher(images)  # (B, N, C) fp32, no grad
+            target = run.teacher(images)  # (B, N, C) view of the feature map (bf16 on CUDA), no grad
             mask = rank_mask(cfg, rt, run.num_patches, micro_step)  # ids_keep (B, V), ids_masked (B, M)
             lr = set_schedule(cfg, run, step)
             pred = run.engine(images.to(rt.dtype), mask.ids_keep, mask.ids_restore, mask.ids_masked)  # (B, M, C)
