@@ -50,7 +50,7 @@ from img2vec.checkpoint import (ARCHITECTURE_KEYS, consolidated_fp32_state_dict,
 from img2vec.config import ConfigError, FinetuneConfig, config_from_args, print_config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard, log_window
-from img2vec.metrics import MetricsLogger, append_event
+from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until
 from img2vec.optim import cosine_schedule
 from img2vec.run_lock import lock_run_dir
 from img2vec.runtime import (Runtime, build_engine, entry_parser, launch_world_size, resolve_batch, setup_runtime,
@@ -122,6 +122,7 @@ def resume(cfg: FinetuneConfig, rt: Runtime, run: "Finetuning") -> dict:
     step = state["step"] if state else 0
     if rt.rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        keep_metrics_until(os.path.join(cfg.output_dir, "metrics.jsonl"), step)  # rows past the checkpoint go
         if state:  # loss.png marks where a run resumed
             append_event(os.path.join(cfg.output_dir, "metrics.jsonl"), step, "resumed", total_steps=run.total_steps)
         for name in ("config.yaml", f"config.{step:06d}.yaml"):  # the latest, and one per launch

@@ -232,3 +232,23 @@ def loss_figure(rows: list[dict], plt):
     axes[-1].set_xlabel("optimizer step")
     fig.tight_layout()
     return fig
+
+
+def keep_metrics_until(path: str, step: int) -> None:
+    """Drop metrics rows past `step` (written after the checkpoint we resume from): no duplicates."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a line cut short by a kill
+        return float("inf")

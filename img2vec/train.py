@@ -28,7 +28,7 @@ from img2vec.config import Config, config_from_args, print_config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard
 from img2vec.masking import mask_noise, random_masking
-from img2vec.metrics import MetricsLogger, append_event, plot_loss_curve
+from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
 from img2vec.run_lock import lock_run_dir
 from img2vec.runtime import Runtime, entry_parser, launch_world_size, resolve_batch, setup_runtime, report_user_error
@@ -172,26 +172,6 @@ def log_changes(saved: dict, cfg: Config, run: Pretraining, step: int, accum_ste
                     old_total, run.total_steps, old_lr, new_lr)
         return old_total
     return run.total_steps
-
-
-def keep_metrics_until(path: str, step: int) -> None:
-    """Drop metrics rows past `step` (written after the checkpoint we resume from): no duplicates."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = [line for line in lines if _row_step(line) <= step]
-    if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-
-
-def _row_step(line: str) -> float:
-    try:
-        return json.loads(line).get("step", 0)
-    except ValueError:  # a line cut short by a kill
-        return float("inf")
 
 
 # --- The step loop ----------------------------------------------------------------------------
