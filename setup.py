@@ -34,7 +34,7 @@ setup(
     packages=["kernels", "img2vec", "img2vec.eval", "dataloading"],
     install_requires=install_requires,
     extras_require={
-        "dev": ["pytest>=8.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.2"],
+        "dev": ["pytest>=8.0", "pytest-benchmark>=4.0", "pytest-timeout>=2.2", "pytest-xdist>=3.5"],
         # xformers' wheels are built for one torch/CUDA pair; it is only ever an optional backend.
         "xformers": ["xformers"],
     },
