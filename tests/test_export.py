@@ -18,8 +18,20 @@ from img2vec.export import export_checkpoint
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
+    """`python -m img2vec.export` in a real process (the e2e test's path from the command line)."""
     return subprocess.run([sys.executable, "-m", "img2vec.export", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def export_main(capsys, *args: str) -> tuple[int, str]:
+    """(exit code, stderr) of the command's main(args) in this process, as `sys.exit(main())` exits."""
+    from img2vec.export import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    return 0 if code is None else code, capsys.readouterr().err
 
 
 @pytest.mark.e2e
@@ -55,21 +67,21 @@ def test_export_of_one_checkpoint_tag_in_process(tmp_path_factory, tmp_path):
     assert json.loads((tmp_path / "encoder.json").read_text())["timm_kwargs"]["patch_size"] == 8
 
 
-def test_export_of_a_folder_without_checkpoint_fails_in_one_line(tmp_path):
-    proc = export("--encoder", str(tmp_path), "--output_dir", str(tmp_path / "out"))
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: no DeepSpeed checkpoint at {tmp_path}: pass a run folder "
-                                                f"(with checkpoints/latest) or run/checkpoints/<tag>"]
+def test_export_of_a_folder_without_checkpoint_fails_in_one_line(tmp_path, capsys):
+    code, err = export_main(capsys, "--encoder", str(tmp_path), "--output_dir", str(tmp_path / "out"))
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: no DeepSpeed checkpoint at {tmp_path}: pass a run folder "
+                                        f"(with checkpoints/latest) or run/checkpoints/<tag>"]
 
 
-def test_export_help_and_usage_errors_are_one_line(tmp_path):
-    assert export("--help").returncode == 0
+def test_export_help_and_usage_errors_are_one_line(tmp_path, capsys):
+    assert export_main(capsys, "--help")[0] == 0
     for args in (["--out", str(tmp_path)], [str(tmp_path), "--output_dir", str(tmp_path)]):  # old spellings
-        proc = export(*args)
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        code, err = export_main(capsys, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
     (tmp_path / "file").write_text("")
-    proc = export("--encoder", str(tmp_path), "--output_dir", str(tmp_path / "file"))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+    code, err = export_main(capsys, "--encoder", str(tmp_path), "--output_dir", str(tmp_path / "file"))
+    assert code == 2 and err.strip().splitlines() == [
         f"error: --output_dir {tmp_path / 'file'} is a file: pass a folder"]
 
 
