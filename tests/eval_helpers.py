@@ -3,6 +3,8 @@
 The run is the digits proof's recipe (tests/test_digits_proof.py measures it against random
 init); test_eval.py and test_export.py reuse its checkpoint instead of training their own.
 """
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -21,9 +23,26 @@ PROOF_ARGS = ("--model", "vit_tiny", "--image_size", "32", "--patch_size", "8",
               "--ckpt_every", "0", "--diversity_every", "0", "--verdict_data", "")
 
 
+def session_root(tmp_path_factory) -> Path:
+    """This test session's temp folder, one for all pytest-xdist workers (a worker's own is a folder in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path):
+    """Held by one process at a time: the other workers wait here instead of training the same run."""
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def digits_root(tmp_path_factory) -> Path:
     """The digits tree (train/, val/) in this session's temp folder, built once."""
-    return digits_dataset_dir(cache_dir=tmp_path_factory.getbasetemp() / "img2vec-cache")
+    return digits_dataset_dir(cache_dir=session_root(tmp_path_factory) / "img2vec-cache")
 
 
 def pretrain(run_dir: Path, data_root: Path, seed: int, steps: int = PROOF_STEPS, *extra: str) -> Path:
@@ -39,8 +58,10 @@ def pretrain(run_dir: Path, data_root: Path, seed: int, steps: int = PROOF_STEPS
 
 
 def digits_run(tmp_path_factory, seed: int = 0) -> Path:
-    """The proof's pretraining run for `seed`, trained once per test session."""
-    run = tmp_path_factory.getbasetemp() / f"digits_run_seed{seed}"
-    if not (run / "encoder.safetensors").is_file():
-        pretrain(run, digits_root(tmp_path_factory), seed)
+    """The proof's pretraining run for `seed`, trained once per test session (across xdist workers too).
+    Tests read it; one that writes into a run copies it first."""
+    run = session_root(tmp_path_factory) / f"digits_run_seed{seed}"
+    with exclusive(run.parent / f"{run.name}.lock"):
+        if not (run / "encoder.safetensors").is_file():
+            pretrain(run, digits_root(tmp_path_factory), seed)
     return run

@@ -80,20 +80,32 @@ def test_finetune_config_reads_flags_and_refuses_unknown_keys(tmp_path):
             load_config(None, [*data, *bad], FinetuneConfig)
 
 
-def test_finetune_command_help_and_print_config(tmp_path):
-    finetune = [sys.executable, str(REPO / "img2vec" / "finetune.py")]
-    proc = subprocess.run([*finetune, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and all(f"--{f}" in proc.stdout for f in FinetuneConfig.__dataclass_fields__)
+def exit_code(main, argv: list[str]) -> int:
+    """What `sys.exit(main())` would exit with: main's return value or its SystemExit code."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return 0 if code is None else code
+
+
+def test_finetune_command_help_and_print_config(tmp_path, capsys):
+    from img2vec.finetune import main
+
+    assert exit_code(main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"--{f}" in out for f in FinetuneConfig.__dataclass_fields__)
     (tmp_path / "d" / "train" / "a").mkdir(parents=True)
     (tmp_path / "d" / "val" / "a").mkdir(parents=True)
-    proc = subprocess.run([*finetune, "--ds_config", "configs/ds_zero2.json", "--encoder", "x", "--data_path",
-                           str(tmp_path / "d"), "--batch_size", "7", "--accum-iter", "3", "--print_config"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "batch_size: 7\n" in proc.stdout and "accum_iter: 3\n" in proc.stdout
-    proc = subprocess.run([*finetune, "--ds_config", "configs/ds_zero2.json", "--init", "--data_path", "x"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    ds = str(REPO / "configs" / "ds_zero2.json")
+    code = exit_code(main, ["--ds_config", ds, "--encoder", "x", "--data_path", str(tmp_path / "d"),
+                            "--batch_size", "7", "--accum-iter", "3", "--print_config"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "batch_size: 7\n" in out and "accum_iter: 3\n" in out
+    assert exit_code(main, ["--ds_config", ds, "--init", "--data_path", "x"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 # --- On the digits, with the proof's pretraining run (trained once per session) ---------------
@@ -113,37 +125,41 @@ def test_every_checkpoint_form_loads_the_same_encoder(tmp_path_factory):
     assert not torch.equal(random["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
 
 
-def run_module(module: str, *args: str) -> tuple[str, dict]:
-    """(stdout, the result JSON the command wrote: the path on its last line)."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("wrote "), proc.stdout
+def run_main(module: str, capsys, *args: str) -> tuple[str, dict]:
+    """(stdout, the result JSON the command wrote: the path on its last line) of the command's main
+    run in this process."""
+    import importlib
+
+    code = exit_code(importlib.import_module(module).main, list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("wrote "), out
     with open(last[len("wrote "):]) as f:
-        return proc.stdout, json.load(f)
+        return out, json.load(f)
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
-def test_knn_and_linear_probe_commands_on_digits(tmp_path_factory):
+def test_knn_and_linear_probe_commands_on_digits(tmp_path_factory, capsys, one_thread):
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
     out = tmp_path_factory.mktemp("eval_results")
-    knn_out, knn = run_module("img2vec.eval.knn", "--encoder", str(run), "--data_path", str(data),
-                              "--output_dir", str(out))
-    probe_out, probe = run_module("img2vec.eval.linear_probe", "--encoder", str(run / "encoder.safetensors"),
-                                  "--data_path", str(data), "--epochs", "90", "--output_dir", str(out))
+    knn_out, knn = run_main("img2vec.eval.knn", capsys, "--encoder", str(run), "--data_path", str(data),
+                            "--output_dir", str(out))
+    probe_out, probe = run_main("img2vec.eval.linear_probe", capsys, "--encoder", str(run / "encoder.safetensors"),
+                                "--data_path", str(data), "--epochs", "90", "--output_dir", str(out))
     print(f"\ndigits: kNN top1 {knn['top1']:.1f}%, linear probe top1 {probe['top1']:.1f}%")
     assert knn["top1"] > 50.0 and probe["top1"] > 85.0  # chance is 10%
     assert knn_out.startswith(f"knn top-1 {knn['top1']:.2f}%") and (out / "knn.json").is_file()
     assert probe_out.startswith(f"linear probe top-1 {probe['top1']:.2f}%") and (out / "linear_probe.json").is_file()
 
 
-def test_knn_command_says_what_is_wrong_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "img2vec.eval.knn", "--encoder", str(tmp_path / "nope"), "--data_path",
-                           str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+def test_knn_command_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    from img2vec.eval.knn import main
+
+    code = exit_code(main, ["--encoder", str(tmp_path / "nope"), "--data_path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" in err
 
 
 FINETUNE_STEPS = 42  # one epoch of the digits at batch 32
@@ -187,12 +203,13 @@ def test_finetune_from_pretrained_and_from_random_init_on_digits(tmp_path_factor
 
 @pytest.mark.e2e
 @pytest.mark.timeout(1800)  # the first test to ask pays for the digits run (400 steps)
-def test_visualize_writes_one_png_per_image(tmp_path_factory, tmp_path):
+def test_visualize_writes_one_png_per_image(tmp_path_factory, tmp_path, capsys, one_thread):
+    from img2vec.visualize import main
+
     run, data = digits_run(tmp_path_factory), digits_root(tmp_path_factory)
     images = sorted((data / "val" / "3").glob("*.png"))[:2]
-    proc = subprocess.run([sys.executable, "-m", "img2vec.visualize", "--encoder", str(run), "--image_paths",
-                           *map(str, images), "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = exit_code(main, ["--encoder", str(run), "--image_paths", *map(str, images), "--output_dir", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err[-3000:]
     from PIL import Image
 
     for image in images:
