@@ -5,6 +5,8 @@ production code path stays exactly as shipped. Faults are chosen by environment 
                           FAULT:WRITING and sleep (the test SIGKILLs the process then)
     FAULT_NAN_AT=i,j,...  the teacher targets of these micro-steps (0-based) are all NaN
     FAULT_STEP_DELAY=s    sleep s seconds per micro-step (so a signal lands mid-epoch)
+    FAULT_HOLD_AT=i       micro-step i (0-based) prints FAULT:HOLDING and waits while the file
+    FAULT_HOLD_FILE=path  `path` exists (the test signals the process, then deletes the file)
     FAULT_NAN_WEIGHTS_AT=k  after the k-th engine.step() (1-based), one weight and ZeRO's fp32
                           master copy become NaN (what an infinite learning rate does)
     FAULT_ENOSPC_AT=k     during the k-th checkpoint, after DeepSpeed wrote its first file, the
@@ -34,6 +36,8 @@ nan_at = {int(i) for i in os.environ.get("FAULT_NAN_AT", "").split(",") if i}
 step_delay = float(os.environ.get("FAULT_STEP_DELAY", "0"))
 nan_weights_at = int(os.environ.get("FAULT_NAN_WEIGHTS_AT", "0"))
 enospc_at = int(os.environ.get("FAULT_ENOSPC_AT", "0"))
+hold_at = int(os.environ.get("FAULT_HOLD_AT", "-1"))
+hold_file = os.environ.get("FAULT_HOLD_FILE", "")
 
 saves = {"checkpoints": 0}
 original_create, original_save = TorchCheckpointEngine.create, TorchCheckpointEngine.save
@@ -63,6 +67,11 @@ def forward(self, images):
     calls["teacher"] += 1
     if step_delay:
         time.sleep(step_delay)
+    if calls["teacher"] - 1 == hold_at:
+        print("\nFAULT:HOLDING", flush=True)
+        deadline = time.time() + 300
+        while os.path.exists(hold_file) and time.time() < deadline:
+            time.sleep(0.05)
     return target.fill_(float("nan")) if calls["teacher"] - 1 in nan_at else target
 
 

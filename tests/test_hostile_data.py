@@ -2,15 +2,19 @@
 newlines in file names, and the data sets that cannot start a run (one line, DataError, exit 2).
 
 Each case runs the real loader (both backends where DALI is installed) or `python -m dataloading.verify`
-in a child process, as a user would meet it.
+as a user would meet it: its main(argv) in this process, with stdout and stderr captured at the file
+descriptors (libjpeg writes to fd 2), and once in a child process.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +63,23 @@ def _zero_mid_scan(data: bytes, length: int = 200) -> bytes:
     return data[:mid] + bytes(length) + data[mid + length :]
 
 
-def _verify(*args: str) -> subprocess.CompletedProcess:
+def _verify_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dataloading.verify", *args], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
+
+
+def _verify(capfd: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """`python -m dataloading.verify args` run through its main in this process; an exception that
+    escapes main (a traceback for the user) fails the test."""
+    from dataloading.verify import main
+
+    capfd.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["dataloading.verify", *args], rc, out, err)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> None:
@@ -90,7 +108,8 @@ def _cut_inside_member(shard: Path, member: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_truncated_shard_keeps_what_precedes_the_damage_and_says_what_was_lost(tmp_path: Path, backend: str) -> None:
+def test_truncated_shard_keeps_what_precedes_the_damage_and_says_what_was_lost(tmp_path: Path, backend: str,
+                                                                              capfd: pytest.CaptureFixture) -> None:
     shards = tmp_path / "wds"
     shards.mkdir()
     _shard(shards / "train-000.tar", 8)
@@ -103,7 +122,7 @@ def test_truncated_shard_keeps_what_precedes_the_damage_and_says_what_was_lost(t
         batches = list(loader.iter_from(epoch, 0))
         assert len(batches) == 3 and all(torch.isfinite(b["images"]).all() for b in batches)
     assert loader.skipped_files() == []
-    proc = _verify(str(shards))
+    proc = _verify(capfd, str(shards))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "LOST " in proc.stdout and "0 of 13 files would be skipped" in proc.stdout
     # A shard cut inside a tar header (no member data lost mid-way, the end-of-archive marker gone).
@@ -117,7 +136,7 @@ def test_shard_that_is_no_tar_at_all_is_a_one_line_error(tmp_path: Path) -> None
     with pytest.raises(DataError, match="no images found.*not a readable tar") as info:
         build_loader(_spec(tmp_path / "only.tar"))
     assert "\n" not in str(info.value)
-    _one_line_error(_verify(str(tmp_path / "only.tar")))
+    _one_line_error(_verify_process(str(tmp_path / "only.tar")))  # the real command line, in a child process
 
 
 # ---- 16-bit PNG ----
@@ -159,13 +178,25 @@ def test_directory_link_loop_lists_each_real_directory_once(tmp_path: Path, capl
 
 # ---- huge images ----
 
-def _huge_png(path: Path, side: int = 12000) -> None:
-    """A 12000 x 12000 PNG (144 MP) that is small on disk: 1-bit, all black."""
-    Image.new("1", (side, side)).save(path)
+@functools.cache
+def _huge_png_bytes(side: int = 12000) -> bytes:
+    """A 12000 x 12000 PNG (144 MP) that is small on disk: 1-bit grayscale, all black. Written
+    chunk by chunk: PIL's encoder takes seconds for this many rows, zlib a fraction of one."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = bytes(1 + (side + 7) // 8) * side  # each row: filter type 0, then side black pixels, 8 per byte
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def _huge_png(path: Path) -> None:
+    path.write_bytes(_huge_png_bytes())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_image_above_the_pixel_cap_is_skipped_with_a_reason(tmp_path: Path, backend: str) -> None:
+def test_image_above_the_pixel_cap_is_skipped_with_a_reason(tmp_path: Path, backend: str,
+                                                            capfd: pytest.CaptureFixture) -> None:
     root = _good_tree(tmp_path, 4)
     _huge_png(root / "a" / "02_huge.png")
     loader = build_loader(_spec(root, backend=backend, shuffle=False, micro_batch=5))
@@ -177,22 +208,22 @@ def test_image_above_the_pixel_cap_is_skipped_with_a_reason(tmp_path: Path, back
     # The cap is a setting: lowered, it skips the ordinary 64 x 48 images too.
     with pytest.raises(DataError, match="none of the 5 files .* above max_image_pixels 1000"):
         build_loader(_spec(root, backend=backend, micro_batch=5, max_image_pixels=1000))
-    proc = _verify(str(root), "--max_image_pixels", "0")
+    proc = _verify(capfd, str(root), "--max_image_pixels", "0")
     assert proc.returncode == 0, proc.stdout  # 0: no cap, the huge PNG is an image like any other
-    proc = _verify(str(root))
+    proc = _verify(capfd, str(root))
     assert proc.returncode == 1 and proc.stdout.count("SKIP ") == 1 and "144 MP" in proc.stdout
 
 
 # ---- verify --full: damage in the middle of a JPEG ----
 
-def test_verify_full_finds_mid_stream_jpeg_damage(tmp_path: Path) -> None:
+def test_verify_full_finds_mid_stream_jpeg_damage(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     root = _good_tree(tmp_path, 3)
     damaged = _zero_mid_scan(_jpeg(7, (128, 96)))
     (root / "a" / "damaged.jpg").write_bytes(damaged)
     Image.open(io.BytesIO(damaged)).convert("RGB")  # PIL decodes it without complaint: the header check cannot see it
-    quick = _verify(str(root))
+    quick = _verify(capfd, str(root))
     assert quick.returncode == 0, quick.stdout
-    full = _verify(str(root), "--full")
+    full = _verify(capfd, str(root), "--full")
     assert full.returncode == 1, (full.stdout, full.stderr)
     assert full.stdout.count("SKIP ") == 1
     assert f"SKIP {root / 'a' / 'damaged.jpg'}: damaged JPEG data" in full.stdout
@@ -201,11 +232,11 @@ def test_verify_full_finds_mid_stream_jpeg_damage(tmp_path: Path) -> None:
 
 # ---- newlines in file names ----
 
-def test_verify_prints_names_escaped_one_record_per_line(tmp_path: Path) -> None:
+def test_verify_prints_names_escaped_one_record_per_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     root = _good_tree(tmp_path, 2)
     forged = "x.jpg\nSKIP forged.jpg"
     (root / "a" / forged).write_bytes(b"not an image")
-    proc = _verify(str(root))
+    proc = _verify(capfd, str(root))
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
     assert [line for line in lines if line.startswith("SKIP ")] == [
@@ -252,13 +283,13 @@ def test_all_images_broken_past_the_header_check_is_one_line_from_worker_process
     assert "\n" not in str(info.value)
 
 
-def test_verify_on_one_image_file_checks_it(tmp_path: Path) -> None:
+def test_verify_on_one_image_file_checks_it(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     root = _good_tree(tmp_path, 1)
-    proc = _verify(str(root / "a" / "00.jpg"))
+    proc = _verify(capfd, str(root / "a" / "00.jpg"))
     assert proc.returncode == 0 and "0 of 1 files would be skipped" in proc.stdout, proc.stderr
     (root / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
-    proc = _verify(str(root / "a" / "bad.png"))
+    proc = _verify(capfd, str(root / "a" / "bad.png"))
     assert proc.returncode == 1 and proc.stdout.startswith(f"SKIP {root / 'a' / 'bad.png'}: "), proc.stdout
     (root / "blob.bin").write_bytes(bytes(range(256)))  # neither an image nor a text list
-    _one_line_error(_verify(str(root / "blob.bin")))
-    _one_line_error(_verify(str(tmp_path / "nowhere")))
+    _one_line_error(_verify(capfd, str(root / "blob.bin")))
+    _one_line_error(_verify(capfd, str(tmp_path / "nowhere")))

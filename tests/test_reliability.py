@@ -1,37 +1,72 @@
 """Fault injection in real processes: kills, signals, NaNs, hostile and broken checkpoints.
 
-Each fault is checked against what an uninterrupted run with the same seed produces.
+Each fault is checked against what an uninterrupted run with the same seed produces. That run
+(checkpoints at steps 2, 4 and 6) is trained once per module; the tests that damage checkpoints
+work on copies of it.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import REPO, checkpoint_dir, losses, step_tag, train, train_args, write_ds_config
+from train_helpers import REPO, checkpoint_dir, free_port, losses, step_tag, train_args, write_ds_config
 
 from img2vec.checkpoint import consolidated_fp32_state_dict
 from img2vec.optim import skip_step_if
 
+TRAIN = Path(os.environ.get("TRAIN_PY", REPO / "img2vec" / "train.py"))
 INJECT = REPO / "tests" / "fault_injection.py"
 STEPS = ["--max_steps", "6", "--ckpt_every", "2"]
 
 
+def env(**faults: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "TRAIN_PY": str(TRAIN),
+            **{f"FAULT_{k.upper()}": v for k, v in faults.items()}}
+
+
+def run_train(run: Path, data_dir: Path, ds: Path, *extra: str, expect_rc: int | None = 0,
+              **faults: str) -> subprocess.CompletedProcess:
+    """train.py in one plain python process (through the fault injector when faults are given)."""
+    script = [str(INJECT)] if faults else [str(TRAIN)]
+    proc = subprocess.run([sys.executable, *script, *train_args(run, data_dir, ds, *extra)], cwd=REPO,
+                          env=env(**faults), capture_output=True, text=True, timeout=600)
+    if expect_rc is not None:
+        assert proc.returncode == expect_rc, f"rc {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
 def launch(run: Path, data_dir: Path, ds: Path, *extra: str, **faults: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29000 + os.getpid() % 500 + len(faults)),
-           **{f"FAULT_{k.upper()}": v for k, v in faults.items()}}
+    """train.py through the fault injector, running in the background; stdout and stderr in one pipe."""
     return subprocess.Popen([sys.executable, str(INJECT), *train_args(run, data_dir, ds, *extra)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env(**faults), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc: subprocess.Popen, marker: str) -> str:
+    """The process's output up to the line holding `marker` (tqdm may precede it on that line)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    proc.wait()
+    pytest.fail(f"{marker} never printed (rc {proc.returncode}):\n{''.join(seen)[-3000:]}")
 
 
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = load_file(str(a / "encoder.safetensors")), load_file(str(b / "encoder.safetensors"))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def loadable(tag_dir: Path) -> bool:
+    from img2vec.checkpoint import check_complete
+
+    return tag_dir.is_dir() and check_complete(str(tag_dir)) is None
 
 
 @pytest.fixture(scope="module")
@@ -41,63 +76,113 @@ def ds(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, ds, tmp_path_factory):
+    """Six steps, checkpoints at 2, 4 and 6, started in a run folder whose checkpoints/ exists
+    empty (returns the run folder and the process)."""
     run = tmp_path_factory.mktemp("straight") / "run"
-    train(run, data_dir, ds, *STEPS)
+    Path(checkpoint_dir(str(run))).mkdir(parents=True)
+    return run, run_train(run, data_dir, ds, *STEPS)
+
+
+@pytest.fixture
+def run_copy(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run)
     return run
 
 
+@pytest.mark.e2e
+def test_an_empty_checkpoints_folder_starts_from_step_0(uninterrupted):
+    stderr = uninterrupted[1].stderr
+    assert "no complete checkpoint in" in stderr and "starting from step 0" in stderr, stderr[-3000:]
+
+
+@pytest.mark.e2e
 def test_sigkill_while_writing_a_checkpoint_loses_only_the_steps_since_the_last_one(data_dir, ds, uninterrupted,
                                                                                     tmp_path):
     run = tmp_path / "run"
     proc = launch(run, data_dir, ds, *STEPS, slow_save="2")  # the 2nd checkpoint: step 4
-    for line in proc.stdout:
-        if "FAULT:WRITING" in line:  # tqdm may precede it on the same line (\r, no newline)
-            proc.send_signal(signal.SIGKILL)
-            break
+    read_until(proc, "FAULT:WRITING")
+    proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
+    proc.stdout.close()
     ckpt = Path(checkpoint_dir(str(run)))
     assert (ckpt / (step_tag(4) + ".partial")).is_dir() and not (ckpt / step_tag(4)).exists()
     assert (ckpt / "latest").read_text() == step_tag(2)
 
-    resumed = train(run, data_dir, ds, *STEPS)
+    resumed = run_train(run, data_dir, ds, *STEPS)
     assert f"resumed from {ckpt / step_tag(2)}" in resumed.stderr
-    assert same_weights(run, uninterrupted)
+    assert same_weights(run, uninterrupted[0])
 
 
-def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(data_dir, ds, uninterrupted, tmp_path):
-    run = tmp_path / "run"
-    proc = launch(run, data_dir, ds, *STEPS, step_delay="0.5")
-    deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
-        assert time.time() < deadline and proc.poll() is None, "training never logged a step"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    stopped_at = max(losses(run))
-    assert stopped_at < 6 and f"stopped by SIGTERM at step {stopped_at}; checkpoint written" in out
-    assert (Path(checkpoint_dir(str(run))) / "latest").read_text() == step_tag(stopped_at)
+@pytest.fixture(scope="module")
+def sigterm_run(data_dir, ds, tmp_path_factory):
+    """A run held inside step 3; meanwhile a second run starts on its folder; then SIGTERM, and a
+    third run resumes the folder. Returns what each of them did."""
+    tmp = tmp_path_factory.mktemp("sigterm")
+    run, hold = tmp / "run", tmp / "hold"
+    hold.touch()
+    first = launch(run, data_dir, ds, *STEPS, hold_at="2", hold_file=str(hold))  # micro-step 2: step 3
+    out = read_until(first, "FAULT:HOLDING")
+    second = run_train(run, data_dir, ds, *STEPS, expect_rc=None)
+    first_alive = first.poll() is None
+    first.send_signal(signal.SIGTERM)
+    hold.unlink()
+    try:
+        out += first.communicate(timeout=150)[0]
+    except subprocess.TimeoutExpired:
+        first.kill()
+        pytest.fail(f"the first run did not stop:\n{(out + first.communicate()[0])[-3000:]}")
+    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    latest = (Path(checkpoint_dir(str(run))) / "latest").read_text()
+    resumed = run_train(run, data_dir, ds, *STEPS, expect_rc=None)
+    return {"run": run, "first": first, "first_out": out, "first_alive": first_alive, "second": second,
+            "rows": rows, "latest": latest, "resumed": resumed}
 
-    train(run, data_dir, ds, *STEPS)
-    assert same_weights(run, uninterrupted)
+
+@pytest.mark.e2e
+def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(sigterm_run, uninterrupted):
+    first, out = sigterm_run["first"], sigterm_run["first_out"]
+    assert first.returncode == 0, out[-3000:]
+    stopped_at = max(sigterm_run["rows"])
+    assert stopped_at < 6 and f"stopped by SIGTERM at step {stopped_at}; checkpoint written" in out, out[-3000:]
+    assert sigterm_run["latest"] == step_tag(stopped_at)
+
+    resumed = sigterm_run["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_weights(sigterm_run["run"], uninterrupted[0])
 
 
+@pytest.mark.e2e
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(sigterm_run):
+    second, first = sigterm_run["second"], sigterm_run["first"]
+    assert sigterm_run["first_alive"], "the first run ended before the second started: nothing was tested"
+    assert second.returncode == 2, second.stderr[-3000:]
+    refusals = [line for line in second.stderr.splitlines() if "in use by another run" in line]
+    assert len(refusals) == 1 and f"pid {first.pid}" in refusals[0] and "Traceback" not in second.stderr
+    assert first.returncode == 0 and "checkpoint written" in sigterm_run["first_out"]
+    steps = sigterm_run["rows"]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows, once each
+    # The lock went with its owner: a later run takes the folder without asking.
+    assert sigterm_run["resumed"].returncode == 0, sigterm_run["resumed"].stderr[-3000:]
+
+
+@pytest.mark.e2e
 def test_a_nan_target_skips_that_step_and_training_goes_on(data_dir, ds, tmp_path):
     run = tmp_path / "run"
-    proc = launch(run, data_dir, ds, "--max_steps", "5", nan_at="2")  # micro-step 2 = step 3
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    proc = run_train(run, data_dir, ds, "--max_steps", "5", expect_rc=None, nan_at="2")  # micro-step 2 = step 3
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {json.loads(line)["step"]: json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert [rows[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
     assert all(torch.isfinite(torch.tensor(rows[s]["loss"])) for s in rows)
-    assert "step 3: 1 step(s) skipped for a non-finite loss" in out
+    assert "step 3: 1 step(s) skipped for a non-finite loss" in proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_consecutive_nans_stop_the_run_with_the_last_good_checkpoint_intact(data_dir, ds, tmp_path):
     run = tmp_path / "run"
-    proc = launch(run, data_dir, ds, "--max_steps", "20", "--ckpt_every", "2", "--max_nonfinite_steps", "3",
-                  nan_at=",".join(map(str, range(2, 40))))
-    out, _ = proc.communicate(timeout=300)
+    proc = run_train(run, data_dir, ds, "--max_steps", "20", "--ckpt_every", "2", "--max_nonfinite_steps", "3",
+                     expect_rc=None, nan_at=",".join(map(str, range(2, 40))))
+    out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert "the loss was not finite for 3 steps in a row (up to step 5): stopping" in out
     # Skipped steps change nothing: the checkpoint written during the streak equals the last good one.
@@ -138,53 +223,86 @@ def _replace_file_keeping_manifest_valid(ckpt_path: Path, name: str, payload) ->
     (ckpt_path / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(data_dir, ds, tmp_path):
-    run = tmp_path / "run"
-    train(run, data_dir, ds, "--max_steps", "2")
+@pytest.mark.e2e
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(data_dir, ds, run_copy, tmp_path):
+    run = run_copy
     marker = tmp_path / "code_ran"
-    tag_dir = Path(checkpoint_dir(str(run))) / step_tag(2)
+    tag_dir = Path(checkpoint_dir(str(run))) / step_tag(6)
     _replace_file_keeping_manifest_valid(tag_dir, "mp_rank_00_model_states.pt", {"module": RunsCode(marker)})
     config_before = (run / "config.yaml").read_bytes()
 
-    proc = train(run, data_dir, ds, "--max_steps", "4", expect_rc=2)
+    proc = run_train(run, data_dir, ds, "--max_steps", "8", "--ckpt_every", "2", expect_rc=2)
     assert "holds pickled objects outside the safe set (posix.system); not loading it" in proc.stderr
     assert not marker.exists() and (run / "config.yaml").read_bytes() == config_before
-    assert not (Path(checkpoint_dir(str(run))) / step_tag(4)).exists()
+    assert not (Path(checkpoint_dir(str(run))) / step_tag(8)).exists()
 
 
-def test_truncated_checkpoint_file_is_skipped_and_kept(data_dir, ds, tmp_path):
-    run = tmp_path / "run"
-    train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+EMPTY_STEPS = (50, 60, 70)  # newer than every real checkpoint: the README's "empty checkpoint folder" fault
+
+
+@pytest.fixture(scope="module")
+def damaged_resume(uninterrupted, data_dir, ds, tmp_path_factory):
+    """A copy of the uninterrupted run with its optimizer file of step 6 truncated, that of step 4
+    corrupted at the same size, and three empty step folders newer than both; resumed with
+    keep_last 1. Returns the run folder, the truncated file's name and the resuming process."""
+    run = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(uninterrupted[0], run)
     ckpt = Path(checkpoint_dir(str(run)))
-    optim = next((ckpt / step_tag(4)).glob("*optim_states.pt"))
-    optim.write_bytes(optim.read_bytes()[:1000])
+    truncated = next((ckpt / step_tag(6)).glob("*optim_states.pt"))
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    flipped = next((ckpt / step_tag(4)).glob("*optim_states.pt"))
+    data = bytearray(flipped.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])  # same size, other bytes
+    flipped.write_bytes(bytes(data))
+    for step in EMPTY_STEPS:
+        (ckpt / step_tag(step)).mkdir()
+    return run, truncated.name, run_train(run, data_dir, ds, *STEPS, "--keep_last", "1")
 
-    proc = train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
-    assert f"skipping checkpoint {ckpt / step_tag(4)}: file {optim.name} has 1000 bytes" in proc.stderr
+
+@pytest.mark.e2e
+def test_truncated_checkpoint_file_is_skipped_and_kept(damaged_resume):
+    run, optim_name, proc = damaged_resume
+    ckpt = Path(checkpoint_dir(str(run)))
+    assert f"skipping checkpoint {ckpt / step_tag(6)}: file {optim_name} has 1000 bytes" in proc.stderr
+    damaged = list(ckpt.glob(step_tag(6) + ".damaged-*"))
+    assert len(damaged) == 1 and (damaged[0] / optim_name).stat().st_size == 1000  # kept, not overwritten
+    assert (ckpt / "latest").read_text() == step_tag(6)
+
+
+@pytest.mark.e2e
+def test_same_size_corruption_of_the_optimizer_file_falls_back_to_the_previous_checkpoint(damaged_resume):
+    run, _, proc = damaged_resume
+    ckpt = Path(checkpoint_dir(str(run)))
+    assert f"skipping checkpoint {ckpt / step_tag(4)}" in proc.stderr, proc.stderr[-3000:]
     assert f"resumed from {ckpt / step_tag(2)}" in proc.stderr
-    damaged = list(ckpt.glob(step_tag(4) + ".damaged-*"))
-    assert len(damaged) == 1 and (damaged[0] / optim.name).stat().st_size == 1000  # kept, not overwritten
-    assert (ckpt / "latest").read_text() == step_tag(4)
 
 
-def test_empty_checkpoint_directories(data_dir, ds, tmp_path):
-    run = tmp_path / "run"
-    Path(checkpoint_dir(str(run))).mkdir(parents=True)
-    proc = train(run, data_dir, ds, "--max_steps", "2")
-    assert "no complete checkpoint in" in proc.stderr and "starting from step 0" in proc.stderr
-
-    empty_step = Path(checkpoint_dir(str(run))) / step_tag(4)
-    empty_step.mkdir()
-    proc = train(run, data_dir, ds, "--max_steps", "3")
-    assert f"skipping checkpoint {empty_step}: incomplete: no manifest.json" in proc.stderr
-    assert "resumed from" in proc.stderr and losses(run).keys() >= {3}
+@pytest.mark.e2e
+def test_empty_checkpoint_step_folders_are_skipped(damaged_resume, uninterrupted):
+    run, _, proc = damaged_resume
+    ckpt = Path(checkpoint_dir(str(run)))
+    for step in EMPTY_STEPS:
+        assert f"skipping checkpoint {ckpt / step_tag(step)}: incomplete: no manifest.json" in proc.stderr
+    assert "resumed from" in proc.stderr and losses(run).keys() >= {3, 4, 5, 6}
+    assert same_weights(run, uninterrupted[0])  # the steps after the resume point were trained again
 
 
-def test_checkpoint_of_another_model_size_stops_with_one_line_and_writes_nothing(data_dir, ds, tmp_path):
-    run = tmp_path / "run"
-    train(run, data_dir, ds, "--max_steps", "2")
+@pytest.mark.e2e
+def test_keep_last_1_with_newer_empty_step_folders_keeps_the_newest_complete_checkpoint(damaged_resume):
+    run, _, proc = damaged_resume
+    ckpt = Path(checkpoint_dir(str(run)))
+    assert loadable(ckpt / step_tag(6))
+    assert not (ckpt / step_tag(2)).exists() and not (ckpt / step_tag(4)).exists()  # pruned: 1 complete kept
+    assert all((ckpt / step_tag(s)).is_dir() for s in EMPTY_STEPS)  # damaged ones: left, not counted
+    assert (run / "encoder.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_checkpoint_of_another_model_size_stops_with_one_line_and_writes_nothing(data_dir, ds, run_copy):
+    run = run_copy
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    proc = train(run, data_dir, ds, "--max_steps", "4", "--model", "vit_small", expect_rc=2)
+    proc = run_train(run, data_dir, ds, "--max_steps", "8", "--model", "vit_small", expect_rc=2)
     errors = [line for line in proc.stderr.splitlines() if "written for another model" in line]
     assert len(errors) == 1 and "model=vit_tiny (this run: vit_small)" in errors[0]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
