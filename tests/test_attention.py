@@ -159,6 +159,7 @@ def test_grad_ckpt_recomputes_only_in_training():
     assert counts[3, "eval"] == counts[0, "train"]  # no checkpointing outside training
 
 
+@pytest.mark.e2e  # inductor compiles C++ in gcc subprocesses: ~4 s with a warm cache, ~50 s cold
 def test_compiled_student_matches_eager(record_property):
     """torch.compile (inductor; C++ through gcc on CPU) of the student: loss and grads equal eager.
 

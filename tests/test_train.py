@@ -1,8 +1,14 @@
 """img2vec/train.py: end to end in real processes under real DeepSpeed engines (gloo, CPU), each run
 a tiny student on 64 real JPEGs, a few optimizer steps, fp32; and its command line and step-loop
 helpers in process.
+
+A process start costs seconds (imports, engine set-up), so each training run is made once per
+session (train_helpers.shared_dir) and read by every test that needs that run; a test that
+resumes a run copies its folder first. Runs write to the relative output_dir "run" inside their
+folder, so a copied folder resumes with an unchanged config.
 """
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -15,20 +21,100 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
-from train_helpers import REPO, TRAIN, checkpoint_dir, losses, step_tag, train, write_ds_config
+from train_helpers import REPO, TRAIN, checkpoint_dir, losses, shared_dir, step_tag, train, write_ds_config
 
+from dataloading import sample_dataset_dir
 from img2vec.config import Config
 from img2vec.loop import LogWindow, NonFiniteGuard
+from img2vec.train import main as train_main
 from img2vec.vit import build_student
+
+# The stage-2 run: 4 steps with a checkpoint at step 2, so the resume tests can roll back to it;
+# the reference loss by name, so the Triton run is compared with it.
+ZERO2_ARGS = ("--max_steps", "4", "--ckpt_every", "2", "--loss_impl", "reference")
+ZERO_ARGS = {1: ("--max_steps", "3"), 2: ZERO2_ARGS, 3: ("--max_steps", "3")}
+ZERO_STEPS = {1: 3, 2: 4, 3: 3}
+# A test may build the shared runs it reads, or wait while another worker builds them.
+WAITS_FOR_RUNS = pytest.mark.timeout(600)
+WAITS_FOR_TWO_PROCESSES = pytest.mark.timeout(900)
+
+
+def run_in(folder: Path, data: Path, ds_config: Path, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """train.py with `folder` as its working directory and output_dir "run"; its stderr is kept
+    in folder/train.stderr."""
+    proc = train(Path("run"), data, ds_config, *extra, nproc=nproc, cwd=folder)
+    (folder / "train.stderr").write_text(proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> Path:
+    """The conftest's 64 sample JPEGs, at one path for every worker: runs that resume or are
+    compared with each other read the same data_path."""
+    folder = shared_dir(tmp_path_factory, "data", lambda f: sample_dataset_dir(cache_dir=f, num_images=64, seed=0))
+    return sample_dataset_dir(cache_dir=folder, num_images=64, seed=0)
+
+
+def zero_run(tmp_path_factory, data: Path, stage: int) -> Path:
+    def build(folder: Path) -> None:
+        run_in(folder, data, write_ds_config(folder / "ds.json", stage, 8), *ZERO_ARGS[stage])
+
+    return shared_dir(tmp_path_factory, f"zero{stage}", build)
+
+
+@pytest.fixture(scope="session")
+def zero1_run(tmp_path_factory, sample_data) -> Path:
+    return zero_run(tmp_path_factory, sample_data, 1)
+
+
+@pytest.fixture(scope="session")
+def zero2_run(tmp_path_factory, sample_data) -> Path:
+    return zero_run(tmp_path_factory, sample_data, 2)
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory, sample_data) -> Path:
+    return zero_run(tmp_path_factory, sample_data, 3)
+
+
+@pytest.fixture(scope="session")
+def triton_knn_run(tmp_path_factory, sample_data) -> Path:
+    """The stage-2 run's settings with the Triton loss, and in-training kNN every 3 of its 4 steps
+    (at step 3, and at the last step)."""
+    def build(folder: Path) -> None:
+        eval_data = folder / "eval"
+        eval_data.mkdir()
+        for split in ("train", "val"):  # the sample photographs' source names are the labels
+            (eval_data / split).symlink_to(sample_data, target_is_directory=True)
+        run_in(folder, sample_data, write_ds_config(folder / "ds.json", 2, 8), "--max_steps", "4",
+               "--loss_impl", "triton", "--eval_every", "3", "--eval_data", str(eval_data))
+
+    return shared_dir(tmp_path_factory, "triton_knn", build)
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory, sample_data) -> Path:
+    """Two processes under the ViT-H recipe's engine (ZeRO-3 as shipped) with activation
+    checkpointing on every block, at tiny size; 4 images per process: the stage-3 run's global
+    batch of 8, and its gradient clipping, so the two runs' numbers compare."""
+    def build(folder: Path) -> None:
+        engine = json.loads((REPO / "configs" / "ds_zero3_vit_huge.json").read_text())
+        ds = folder / "ds_zero3_vit_huge.json"
+        ds.write_text(json.dumps({**engine, "gradient_clipping": 1.0}))
+        run_in(folder, sample_data, ds, "--batch_size", "4", "--grad_ckpt", "12", "--max_steps", "3", nproc=2)
+
+    return shared_dir(tmp_path_factory, "two_process", build)
 
 
 @pytest.mark.e2e
+@WAITS_FOR_RUNS
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_runs_three_steps_and_writes_every_artifact(stage, data_dir, tmp_path):
-    run = tmp_path / "run"
-    train(run, data_dir, write_ds_config(tmp_path / "ds.json", stage, 8), "--max_steps", "3")
-    assert sorted(losses(run)) == [1, 2, 3] and all(map(torch.isfinite, map(torch.tensor, losses(run).values())))
-    assert (Path(checkpoint_dir(str(run))) / "latest").read_text() == step_tag(3)
+def test_zero_stage_runs_a_few_steps_and_writes_every_artifact(stage, request):
+    run = request.getfixturevalue(f"zero{stage}_run") / "run"
+    steps = ZERO_STEPS[stage]
+    assert sorted(losses(run)) == list(range(1, steps + 1))
+    assert all(map(torch.isfinite, map(torch.tensor, losses(run).values())))
+    assert (Path(checkpoint_dir(str(run))) / "latest").read_text() == step_tag(steps)
     assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "loss.png").stat().st_size > 1000
     assert (run / "config.yaml").exists() and json.loads((run / "ds_config.json").read_text())["train_batch_size"] == 8
 
@@ -45,10 +131,10 @@ def test_zero_stage_runs_three_steps_and_writes_every_artifact(stage, data_dir, 
 
 
 @pytest.mark.e2e
-def test_resume_gives_the_weights_of_an_uninterrupted_run(data_dir, tmp_path):
-    ds = write_ds_config(tmp_path / "ds.json", 2, 8)
+@WAITS_FOR_RUNS
+def test_resume_gives_the_weights_of_an_uninterrupted_run(zero2_run, sample_data, tmp_path):
     run = tmp_path / "run"
-    train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+    shutil.copytree(zero2_run / "run", run)  # 4 steps, checkpoints at steps 2 and 4
     straight = load_file(str(run / "encoder.safetensors"))
     straight_losses = losses(run)
 
@@ -57,7 +143,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(data_dir, tmp_path):
     Path(checkpoint_dir(str(run)), "latest").write_text(step_tag(2))
     (run / "encoder.safetensors").unlink()
     (run / "metrics.jsonl").write_text("")
-    proc = train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+    proc = run_in(tmp_path, sample_data, zero2_run / "ds.json", *ZERO2_ARGS)
     assert "resumed from" in proc.stderr + proc.stdout
     assert sorted(losses(run)) == [3, 4] and all(losses(run)[s] == straight_losses[s] for s in (3, 4))
     resumed = load_file(str(run / "encoder.safetensors"))
@@ -65,13 +151,16 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(data_dir, tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_resume_logs_what_changed_keeps_one_config_per_launch_and_no_duplicate_metrics(data_dir, tmp_path):
-    run, ds = tmp_path / "run", write_ds_config(tmp_path / "ds.json", 2, 8)
-    train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
+@WAITS_FOR_RUNS
+def test_a_resume_logs_what_changed_keeps_one_config_per_launch_and_no_duplicate_metrics(zero2_run, sample_data,
+                                                                                          tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run / "run", run)  # 4 steps, checkpoints at steps 2 and 4
     shutil.rmtree(Path(checkpoint_dir(str(run))) / step_tag(4))  # killed before the step-4 checkpoint landed
-    proc = train(run, data_dir, ds, "--max_steps", "6", "--ckpt_every", "2")
-    assert f"resumed from {Path(checkpoint_dir(str(run))) / step_tag(2)}" in proc.stderr
-    assert "resumed with changed settings: max_steps 4 -> 6" in proc.stderr
+    longer = [a if a != ZERO2_ARGS[1] else "6" for a in ZERO2_ARGS]  # --max_steps 4 -> 6
+    proc = run_in(tmp_path, sample_data, zero2_run / "ds.json", *longer)
+    assert f"resumed from {Path(checkpoint_dir('run')) / step_tag(2)}" in proc.stderr  # the output_dir as given
+    assert "resumed with changed settings: max_steps 4 -> 6\n" in proc.stderr  # and nothing else changed
     assert "the LR schedule changes at step 2: 4 -> 6 steps in all" in proc.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
@@ -82,18 +171,19 @@ def test_a_resume_logs_what_changed_keeps_one_config_per_launch_and_no_duplicate
 
 
 @pytest.mark.e2e
-def test_two_processes_zero3_match_one_process_at_the_same_global_batch(data_dir, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(one, data_dir, write_ds_config(tmp_path / "ds8.json", 3, 8), "--max_steps", "4")
-    train(two, data_dir, write_ds_config(tmp_path / "ds4.json", 3, 4), "--max_steps", "4", nproc=2)
+@WAITS_FOR_TWO_PROCESSES
+def test_two_processes_zero3_match_one_process_at_the_same_global_batch(zero3_run, two_process_run):
+    one, two = zero3_run / "run", two_process_run / "run"
     a, b = losses(one), losses(two)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
     wa, wb = load_file(str(one / "encoder.safetensors")), load_file(str(two / "encoder.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
+@pytest.mark.e2e
 def test_bad_config_exits_2_with_one_line(tmp_path):
+    """The real `python img2vec/train.py` path of a start-up error (the others run main in process)."""
     proc = subprocess.run([sys.executable, str(TRAIN), "--ds_config", "configs/ds_zero2.json", "--mask_ratio", "1.5"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -101,41 +191,33 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
 
 
 @pytest.mark.e2e
-def test_triton_loss_matches_reference_step_by_step_in_the_trainer(data_dir, tmp_path):
+@WAITS_FOR_RUNS
+def test_triton_loss_matches_reference_step_by_step_in_the_trainer(zero2_run, triton_knn_run):
     # On CPU the kernel runs under TRITON_INTERPRET=1 (set by conftest.py); fp32 both ways.
-    ds = write_ds_config(tmp_path / "ds.json", 2, 8)
-    train(tmp_path / "ref", data_dir, ds, "--max_steps", "3", "--loss_impl", "reference")
-    proc = train(tmp_path / "tri", data_dir, ds, "--max_steps", "3", "--loss_impl", "triton")
-    assert "loss triton" in proc.stderr
-    ref, tri = losses(tmp_path / "ref"), losses(tmp_path / "tri")
-    assert sorted(ref) == sorted(tri) == [1, 2, 3]
+    assert "loss triton" in (triton_knn_run / "train.stderr").read_text()
+    assert "loss reference" in (zero2_run / "train.stderr").read_text()
+    ref, tri = losses(zero2_run / "run"), losses(triton_knn_run / "run")
+    assert sorted(ref) == sorted(tri) == [1, 2, 3, 4]
     assert all(abs(ref[s] - tri[s]) <= 1e-5 for s in ref), (ref, tri)
 
 
 @pytest.mark.e2e
-def test_vit_huge_engine_config_trains_a_scaled_down_model_on_two_processes(data_dir, tmp_path):
+@WAITS_FOR_TWO_PROCESSES
+def test_vit_huge_engine_config_trains_a_scaled_down_model_on_two_processes(two_process_run):
     # The ViT-H recipe's engine (ZeRO-3) and activation checkpointing on every block, at tiny size.
-    run = tmp_path / "run"
-    train(run, data_dir, REPO / "configs" / "ds_zero3_vit_huge.json", "--grad_ckpt", "12", "--max_steps", "2",
-          nproc=2)
-    assert sorted(losses(run)) == [1, 2]
-    shards = list((Path(checkpoint_dir(str(run))) / step_tag(2)).glob("*optim_states.pt"))
+    run = two_process_run / "run"
+    assert sorted(losses(run)) == [1, 2, 3]
+    shards = list((Path(checkpoint_dir(str(run))) / step_tag(3)).glob("*optim_states.pt"))
     assert len(shards) == 2 and (run / "encoder.safetensors").exists()
 
 
 @pytest.mark.e2e
-def test_in_training_knn_is_logged_every_eval_every_steps(data_dir, tmp_path):
-    eval_data = tmp_path / "eval"
-    eval_data.mkdir()
-    for split in ("train", "val"):  # the sample photographs' source names are the labels
-        (eval_data / split).symlink_to(data_dir, target_is_directory=True)
-    run = tmp_path / "run"
-    train(run, data_dir, write_ds_config(tmp_path / "ds.json", 2, 8), "--max_steps", "2",
-          "--eval_every", "1", "--eval_data", str(eval_data))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+@WAITS_FOR_RUNS
+def test_in_training_knn_is_logged_every_eval_every_steps(triton_knn_run):
+    rows = [json.loads(line) for line in (triton_knn_run / "run" / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in rows if "knn_top1" in r]
-    assert [r["step"] for r in knn] == [1, 2] and all(0 <= r["knn_top1"] <= 100 for r in knn)
-    assert knn[0]["knn_top5"] >= knn[0]["knn_top1"]
+    assert [r["step"] for r in knn] == [3, 4]  # every eval_every (3) steps, and at the last step
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in knn)
 
 
 def rows_without_timing(run: Path) -> list[dict]:
@@ -144,12 +226,13 @@ def rows_without_timing(run: Path) -> list[dict]:
 
 
 @pytest.mark.e2e
-def test_batch_size_flag_overrides_the_json_and_a_rerun_is_bitwise_equal(data_dir, tmp_path):
+@WAITS_FOR_RUNS
+def test_batch_size_flag_overrides_the_json_and_a_rerun_is_bitwise_equal(zero1_run, sample_data, tmp_path):
     # The same run twice, its batch once from the JSON and once from --batch_size: a fixed seed gives
     # the same metrics and the same weight bits (what guards a refactor of the loop against drift).
-    json_batch, flag_batch = tmp_path / "json", tmp_path / "flag"
-    train(json_batch, data_dir, write_ds_config(tmp_path / "ds8.json", 1, 8), "--max_steps", "3")
-    train(flag_batch, data_dir, write_ds_config(tmp_path / "ds2.json", 1, 2), "--max_steps", "3", "--batch_size", "8")
+    json_batch, flag_batch = zero1_run / "run", tmp_path / "run"  # the stage-1 run: micro-batch 8 in its JSON
+    run_in(tmp_path, sample_data, write_ds_config(tmp_path / "ds2.json", 1, 2), *ZERO_ARGS[1], "--batch_size", "8")
+    assert json.loads((json_batch / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"] == 8
     assert json.loads((flag_batch / "ds_config.json").read_text())["train_batch_size"] == 8
     assert "batch_size: 8\n" in (flag_batch / "config.yaml").read_text()
     assert rows_without_timing(json_batch) == rows_without_timing(flag_batch) and len(losses(flag_batch)) == 3
@@ -157,25 +240,50 @@ def test_batch_size_flag_overrides_the_json_and_a_rerun_is_bitwise_equal(data_di
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def run_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+DS_ZERO2 = str(REPO / "configs" / "ds_zero2.json")
 
 
-def test_help_lists_every_config_key_grouped_with_type_and_default():
-    proc = run_train("--help")
-    assert proc.returncode == 0
+@pytest.fixture
+def run_main(monkeypatch, tmp_path, capsys, caplog):
+    """train.py's main(argv) in this process, as `python img2vec/train.py ARGS` from an empty
+    folder: returns (exit code, stdout, stderr). The start-up paths tested here stop before the
+    process group, logging set-up and anything else global; a warning logged would reach a real
+    process's stderr, so it joins stderr here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(TRAIN)])  # argparse's prog: train.py
+    monkeypatch.setenv("COLUMNS", "80")  # --help's width when stdout is a pipe
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # a plain python run
+
+    def call(*args: str) -> tuple[int, str, str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            try:
+                code = train_main(list(args))
+            except SystemExit as e:
+                code = e.code
+        out = capsys.readouterr()
+        logged = "".join(f"{r.name}: {r.getMessage()}\n" for r in caplog.records if r.levelno >= logging.WARNING)
+        assert not dist.is_initialized()
+        return code, out.out, out.err + logged
+
+    return call
+
+
+def test_help_lists_every_config_key_grouped_with_type_and_default(run_main):
+    code, out, _ = run_main("--help")
+    assert code == 0
     for group in ("model", "teacher", "data", "optimization", "run"):
-        assert f"{group} keys:" in proc.stdout
+        assert f"{group} keys:" in out
     for f in fields(Config):
-        assert f"--{f.name}" in proc.stdout, f.name
-    assert "(int, default: 0)" in proc.stdout and "--batch_size" in proc.stdout and "--accum_iter" in proc.stdout
+        assert f"--{f.name}" in out, f.name
+    assert "(int, default: 0)" in out and "--batch_size" in out and "--accum_iter" in out
 
 
-def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path):
-    proc = run_train("--ds_config", "configs/ds_zero2.json", "--batch-size", "5", "--output_dir", str(tmp_path / "r"),
-                     "--print_config")
-    assert proc.returncode == 0, proc.stderr
-    printed = yaml.safe_load(proc.stdout)
+def test_print_config_prints_the_resolved_config_and_writes_nothing(run_main, tmp_path):
+    code, out, err = run_main("--ds_config", DS_ZERO2, "--batch-size", "5", "--output_dir", str(tmp_path / "r"),
+                              "--print_config")
+    assert code == 0, err
+    printed = yaml.safe_load(out)
     assert printed["batch_size"] == 5 and printed["accum_iter"] == 1  # the flag, and the JSON's accumulation
     assert set(printed) == {f.name for f in fields(Config)} and not (tmp_path / "r").exists()
 
@@ -187,16 +295,16 @@ def test_print_config_prints_the_resolved_config_and_writes_nothing(tmp_path):
     (["--ds_config", "nope.json"], "config error: DeepSpeed config not found: nope.json (try configs/ds_zero2.json)"),
     (["--resume", "--max_steps"], "train.py: error: argument --max_steps/--max-steps: expected one argument (see --help)"),
 ])
-def test_start_up_mistakes_exit_2_with_one_line(args, message):
-    proc = run_train("--ds_config", "configs/ds_zero2.json", *args)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
+def test_start_up_mistakes_exit_2_with_one_line(run_main, args, message):
+    code, _, err = run_main("--ds_config", DS_ZERO2, *args)
+    assert code == 2 and err.strip().splitlines() == [message]
 
 
-def test_yaml_with_a_non_string_key_exits_2_with_one_line(tmp_path):
+def test_yaml_with_a_non_string_key_exits_2_with_one_line(run_main, tmp_path):
     (tmp_path / "run.yaml").write_text("1: 2\n")
-    proc = run_train("--ds_config", "configs/ds_zero2.json", "--config", str(tmp_path / "run.yaml"))
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "config keys must be strings, got 1" in proc.stderr
+    code, _, err = run_main("--ds_config", DS_ZERO2, "--config", str(tmp_path / "run.yaml"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "config keys must be strings, got 1" in err
 
 
 @pytest.fixture

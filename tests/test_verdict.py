@@ -4,8 +4,22 @@ import os
 import pytest
 import torch
 
+from train_helpers import shared_dir
+
+from dataloading import sample_dataset_dir
 from img2vec.eval.common import build_encoder
 from img2vec.verdict import Verdict, learning_verdict, verdict_splits
+
+
+@pytest.fixture
+def photo_cache(tmp_path_factory, monkeypatch):
+    """A cache that holds the photo verdict set and the seed-0 sample set, built once per session:
+    the default cache of the tests that use it."""
+    def build(folder):
+        verdict_splits("photos", cache_dir=folder)
+        sample_dataset_dir(cache_dir=folder)
+
+    monkeypatch.setenv("IMG2VEC_CACHE", str(shared_dir(tmp_path_factory, "verdict_cache", build)))
 
 
 def test_line_and_metrics():
@@ -15,15 +29,13 @@ def test_line_and_metrics():
     assert v.metrics() == {"verdict_knn_top1": 71.25, "verdict_knn_top1_random_init": 58.0}
 
 
-def test_photo_splits_are_held_out_and_share_classes():
+def test_photo_splits_are_held_out_and_share_classes(photo_cache):
     train, val = verdict_splits("photos")
     classes = sorted(os.listdir(train))
     assert classes == sorted(os.listdir(val)) and len(classes) >= 10
     files = lambda root: {f for c in classes for f in os.listdir(os.path.join(root, c))}  # noqa: E731
     assert len(files(train)) == len(files(val)) == 256
     # the training set is the sample recipe at seed 0: same photographs, other crops
-    from dataloading import sample_dataset_dir
-
     seed0 = sample_dataset_dir()
     def first_file(root):
         folder = os.path.join(root, classes[0])
@@ -38,7 +50,7 @@ def test_unknown_verdict_data_is_one_line(tmp_path):
         verdict_splits(str(tmp_path))
 
 
-def test_same_encoder_gives_zero_gain_and_a_better_one_a_positive_gain():
+def test_same_encoder_gives_zero_gain_and_a_better_one_a_positive_gain(photo_cache):
     """Two copies of one random init score the same; an encoder whose patch embedding sees the
     mean colour of each patch (a crude but real photo feature) beats a constant one."""
     kw = dict(img_size=32, patch_size=16, embed_dim=48, depth=1, num_heads=2)

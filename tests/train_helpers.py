@@ -1,10 +1,15 @@
 """Shared by the end-to-end tests: run img2vec/train.py in real processes on tiny settings."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
+
+import pytest
+from filelock import FileLock
 
 from img2vec.checkpoint import checkpoint_dir, step_tag  # noqa: F401  (re-exported for the tests)
 
@@ -34,8 +39,9 @@ def train_args(run_dir: Path, data_dir: Path, ds_config: Path, *extra: str) -> l
 
 
 def train(run_dir: Path, data_dir: Path, ds_config: Path, *extra: str, nproc: int = 1,
-          expect_rc: int = 0) -> subprocess.CompletedProcess:
-    """Run train.py (plain python for 1 process, the deepspeed launcher for more); fail with its log."""
+          expect_rc: int = 0, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run train.py (plain python for 1 process, the deepspeed launcher for more) in `cwd`, where a
+    relative run_dir lives; fail with its log."""
     args = train_args(run_dir, data_dir, ds_config, *extra)
     if nproc == 1:
         cmd = [sys.executable, str(TRAIN), *args]
@@ -43,7 +49,7 @@ def train(run_dir: Path, data_dir: Path, ds_config: Path, *extra: str, nproc: in
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
                "--master_port", str(free_port()), str(TRAIN), *args]
     env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect_rc, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -53,3 +59,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder that build(folder) fills once per test session, however many tests and pytest-xdist
+    workers ask for it: the first builds it under a file lock, the others wait and reuse it. Tests
+    read it; one that changes files copies it first (shutil.copytree)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder = root / f"shared-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
