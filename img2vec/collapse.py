@@ -9,16 +9,14 @@ the alarm: one warning line per occurrence window (consecutive low readings), an
 `summary()` for the run's last lines.
 
 COLLAPSE_FRACTION, by measurement on the embedded default (vit_tiny, 96 px, 200 steps of 32,
-warm-up 16 steps, readings every 25 steps on 4 images):
-    random ResNet-50 teacher (the old default)  .043 .017 .013 .007 .008 .013 .006 (steps 25..175)
-    HOG teacher, base_lr 2e-3                   0.138 0.085 0.077 0.121 0.155 0.152 0.232 (steps 25..175)
-    HOG teacher, base_lr 1e-2 (5x)              0.024 at step 25 (run stopped there)
-    pixel teacher, base_lr 2e-3                 0.042 at step 25, 0.015 at step 50
-    HOG teacher, base_lr 1e-3, mask 0.5 (the new default), 3 seeds: lowest 0.086
-0.03 sits a factor ~1.8 above the collapsed run's highest reading from step 50 on (0.017) and
-~2.2 below the lowest reading of any HOG run at base_lr <= 2e-3 (0.065).
-A reading is the ratio on 4 images, so single readings are noisy: a window that opens and closes
-at once is worth a look, a window that lasts to the end of the run is a collapse.
+warm-up 16 steps, readings every 25 steps on the whole micro-batch of 32 images), ratios at steps 25..175:
+    random ResNet-50 teacher (the old default)  .045 .013 .009 .008 .006 .008 .008
+    HOG teacher, the default recipe             .223 .142 .125 .131 .152 .147 .166
+    HOG teacher, base_lr 2e-3, 400 steps        lowest .084
+0.03 sits a factor ~2.3 above the collapsed run's highest reading from step 50 on (0.013) and
+~2.8 below the lowest reading of any HOG run at base_lr <= 2e-3. Earlier readings on 4 images
+(docs/collapse.md) swung by up to 5x between neighbours; on 32 they move by about 1.5x. A window
+that opens and closes at once is worth a look, a window that lasts to the end of the run is a collapse.
 """
 from __future__ import annotations
 
