@@ -47,30 +47,25 @@ from torch.utils.data.distributed import DistributedSampler
 
 from img2vec.checkpoint import (ARCHITECTURE_KEYS, consolidated_fp32_state_dict,
                                 resume_checkpoint, save_checkpoint, step_tag)
-from img2vec.config import ConfigError, FinetuneConfig, config_from_args, print_config
+from img2vec.config import ConfigError, FinetuneConfig
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard, log_window
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until
 from img2vec.optim import cosine_schedule
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import (Runtime, build_engine, entry_parser, launch_world_size, resolve_batch, setup_runtime,
-                             report_user_error)
+from img2vec.runtime import Runtime, build_engine, entry_config, report_user_error, setup_runtime
 from img2vec.signals import GracefulStop
 
 log = logging.getLogger("img2vec")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = entry_parser(FinetuneConfig, __doc__.split("\n")[0])
-    args = parser.parse_args(argv)
     try:
-        cfg = with_output_dir(config_from_args(FinetuneConfig, args))
-        resolved = resolve_batch(args.ds_config, cfg, launch_world_size())[1]  # the JSON checked before anything slow
-        if args.print_config:
-            print_config(resolved)
+        entry = entry_config(FinetuneConfig, __doc__.split("\n")[0], argv, finish=with_output_dir)
+        if entry is None:  # --print_config
             return 0
-        classes = class_names(cfg.data_path)
-        rt, cfg = setup_runtime(args.ds_config, cfg)
+        classes = class_names(entry[1].data_path)
+        rt, cfg = setup_runtime(*entry)
         if (cfg.mixup > 0 or cfg.cutmix > 0) and rt.micro_batch % 2:
             raise ConfigError(f"mixup/cutmix pair each image with another: use an even batch_size, "
                               f"got {rt.micro_batch}")

@@ -122,3 +122,18 @@ def entry_parser(config_cls, description: str):
                         help="DeepSpeed JSON (engine: precision, ZeRO, clipping; batch unless batch_size/accum_iter)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     return parser
+
+
+def entry_config(config_cls, description: str, argv: list[str] | None, finish=lambda cfg: cfg):
+    """Parse a DeepSpeed entry point's command line into (ds_config path, cfg): flags over YAML over
+    defaults, then finish(cfg); the JSON is read and checked against it before anything slow.
+    Returns None when --print_config printed the resolved config instead."""
+    from img2vec.config import config_from_args, print_config
+
+    args = entry_parser(config_cls, description).parse_args(argv)
+    cfg = finish(config_from_args(config_cls, args))
+    resolved = resolve_batch(args.ds_config, cfg, launch_world_size())[1]
+    if args.print_config:
+        print_config(resolved)
+        return None
+    return args.ds_config, cfg

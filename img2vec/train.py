@@ -24,14 +24,14 @@ import torch.distributed as dist
 from img2vec.checkpoint import (export_encoder, frozen_parameters, load_fp32_state_dict, resume_checkpoint,
                                 save_checkpoint)
 from img2vec.collapse import CollapseAlarm
-from img2vec.config import Config, config_from_args, print_config
+from img2vec.config import Config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import Runtime, entry_parser, launch_world_size, resolve_batch, setup_runtime, report_user_error
+from img2vec.runtime import Runtime, entry_config, report_user_error, setup_runtime
 from img2vec.signals import GracefulStop
 from img2vec.token_diversity import collapse_probe
 
@@ -39,15 +39,11 @@ log = logging.getLogger("img2vec")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = entry_parser(Config, __doc__.split("\n")[0])
-    args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(Config, args)
-        resolved = resolve_batch(args.ds_config, cfg, launch_world_size())[1]  # the JSON checked before anything slow
-        if args.print_config:
-            print_config(resolved)
+        entry = entry_config(Config, __doc__.split("\n")[0], argv)  # (ds_config, cfg)
+        if entry is None:  # --print_config printed the resolved config
             return 0
-        rt, cfg = setup_runtime(args.ds_config, cfg)
+        rt, cfg = setup_runtime(*entry)
         lock_run_dir(cfg.output_dir)  # one run per folder, held until exit; before anything slow
         run = build_pretraining(cfg, rt)
         step, skipped_steps = resume(cfg, rt, run)
