@@ -51,15 +51,17 @@ def run_in(folder: Path, data: Path, ds_config: Path, *extra: str, nproc: int = 
 def sample_data(tmp_path_factory) -> Path:
     """The conftest's 64 sample JPEGs, at one path for every worker: runs that resume or are
     compared with each other read the same data_path."""
-    folder = shared_dir(tmp_path_factory, "data", lambda f: sample_dataset_dir(cache_dir=f, num_images=64, seed=0))
-    return sample_dataset_dir(cache_dir=folder, num_images=64, seed=0)
+    def build(folder: Path) -> None:
+        sample_dataset_dir(cache_dir=folder, num_images=64, seed=0)
+
+    return sample_dataset_dir(cache_dir=shared_dir(tmp_path_factory, "train_data", build), num_images=64, seed=0)
 
 
 def zero_run(tmp_path_factory, data: Path, stage: int) -> Path:
     def build(folder: Path) -> None:
         run_in(folder, data, write_ds_config(folder / "ds.json", stage, 8), *ZERO_ARGS[stage])
 
-    return shared_dir(tmp_path_factory, f"zero{stage}", build)
+    return shared_dir(tmp_path_factory, f"train_zero{stage}", build)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +91,7 @@ def triton_knn_run(tmp_path_factory, sample_data) -> Path:
         run_in(folder, sample_data, write_ds_config(folder / "ds.json", 2, 8), "--max_steps", "4",
                "--loss_impl", "triton", "--eval_every", "3", "--eval_data", str(eval_data))
 
-    return shared_dir(tmp_path_factory, "triton_knn", build)
+    return shared_dir(tmp_path_factory, "train_triton_knn", build)
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +105,7 @@ def two_process_run(tmp_path_factory, sample_data) -> Path:
         ds.write_text(json.dumps({**engine, "gradient_clipping": 1.0}))
         run_in(folder, sample_data, ds, "--batch_size", "4", "--grad_ckpt", "12", "--max_steps", "3", nproc=2)
 
-    return shared_dir(tmp_path_factory, "two_process", build)
+    return shared_dir(tmp_path_factory, "train_two_process", build)
 
 
 @pytest.mark.e2e
