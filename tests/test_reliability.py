@@ -1,8 +1,8 @@
 """Fault injection in real processes: kills, signals, NaNs, hostile and broken checkpoints.
 
 Each fault is checked against what an uninterrupted run with the same seed produces. That run
-(checkpoints at steps 2, 4 and 6) is trained once per module; the tests that damage checkpoints
-work on copies of it.
+(checkpoints at steps 2, 4 and 6) is trained once per session, also under pytest-xdist; the tests
+that damage checkpoints work on copies of it.
 """
 import json
 import os
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 from train_helpers import REPO, checkpoint_dir, free_port, losses, step_tag, train_args, write_ds_config
 
@@ -69,18 +70,41 @@ def loadable(tag_dir: Path) -> bool:
     return tag_dir.is_dir() and check_complete(str(tag_dir)) is None
 
 
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills once per pytest session: under pytest-xdist the workers
+    share it (their base temp folders have one parent) and the first to ask builds it while the
+    others wait, instead of each training the same run again."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent
+    folder = root / f"shared_{name}"
+    with FileLock(str(root / f"shared_{name}.lock")):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     return write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json", 2, 8)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_dir, ds, tmp_path_factory):
+def uninterrupted(data_dir, ds, tmp_path_factory) -> tuple[Path, str]:
     """Six steps, checkpoints at 2, 4 and 6, started in a run folder whose checkpoints/ exists
-    empty (returns the run folder and the process)."""
-    run = tmp_path_factory.mktemp("straight") / "run"
-    Path(checkpoint_dir(str(run))).mkdir(parents=True)
-    return run, run_train(run, data_dir, ds, *STEPS)
+    empty: the run folder and the run's stderr. Read it or copy it; never change it."""
+    def build(folder: Path) -> None:
+        run = folder / "run"
+        Path(checkpoint_dir(str(run))).mkdir(parents=True)
+        (folder / "stderr.txt").write_text(run_train(run, data_dir, ds, *STEPS).stderr)
+
+    folder = once_per_session(tmp_path_factory, "uninterrupted", build)
+    return folder / "run", (folder / "stderr.txt").read_text()
 
 
 @pytest.fixture
@@ -92,7 +116,7 @@ def run_copy(uninterrupted, tmp_path):
 
 @pytest.mark.e2e
 def test_an_empty_checkpoints_folder_starts_from_step_0(uninterrupted):
-    stderr = uninterrupted[1].stderr
+    stderr = uninterrupted[1]
     assert "no complete checkpoint in" in stderr and "starting from step 0" in stderr, stderr[-3000:]
 
 
@@ -115,55 +139,59 @@ def test_sigkill_while_writing_a_checkpoint_loses_only_the_steps_since_the_last_
 
 
 @pytest.fixture(scope="module")
-def sigterm_run(data_dir, ds, tmp_path_factory):
+def sigterm_run(data_dir, ds, tmp_path_factory) -> dict:
     """A run held inside step 3; meanwhile a second run starts on its folder; then SIGTERM, and a
-    third run resumes the folder. Returns what each of them did."""
-    tmp = tmp_path_factory.mktemp("sigterm")
-    run, hold = tmp / "run", tmp / "hold"
-    hold.touch()
-    first = launch(run, data_dir, ds, *STEPS, hold_at="2", hold_file=str(hold))  # micro-step 2: step 3
-    out = read_until(first, "FAULT:HOLDING")
-    second = run_train(run, data_dir, ds, *STEPS, expect_rc=None)
-    first_alive = first.poll() is None
-    first.send_signal(signal.SIGTERM)
-    hold.unlink()
-    try:
-        out += first.communicate(timeout=150)[0]
-    except subprocess.TimeoutExpired:
-        first.kill()
-        pytest.fail(f"the first run did not stop:\n{(out + first.communicate()[0])[-3000:]}")
-    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    latest = (Path(checkpoint_dir(str(run))) / "latest").read_text()
-    resumed = run_train(run, data_dir, ds, *STEPS, expect_rc=None)
-    return {"run": run, "first": first, "first_out": out, "first_alive": first_alive, "second": second,
-            "rows": rows, "latest": latest, "resumed": resumed}
+    third run resumes the folder. What each of them did, and the run folder."""
+    def build(folder: Path) -> None:
+        run, hold = folder / "run", folder / "hold"
+        hold.touch()
+        first = launch(run, data_dir, ds, *STEPS, hold_at="2", hold_file=str(hold))  # micro-step 2: step 3
+        out = read_until(first, "FAULT:HOLDING")
+        second = run_train(run, data_dir, ds, *STEPS, expect_rc=None)
+        first_alive = first.poll() is None
+        first.send_signal(signal.SIGTERM)
+        hold.unlink()
+        try:
+            out += first.communicate(timeout=150)[0]
+        except subprocess.TimeoutExpired:
+            first.kill()
+            pytest.fail(f"the first run did not stop:\n{(out + first.communicate()[0])[-3000:]}")
+        rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        latest = (Path(checkpoint_dir(str(run))) / "latest").read_text()
+        resumed = run_train(run, data_dir, ds, *STEPS, expect_rc=None)
+        (folder / "result.json").write_text(json.dumps({
+            "first_pid": first.pid, "first_rc": first.returncode, "first_out": out, "first_alive": first_alive,
+            "second_rc": second.returncode, "second_stderr": second.stderr, "rows": rows, "latest": latest,
+            "resumed_rc": resumed.returncode, "resumed_stderr": resumed.stderr}))
+
+    folder = once_per_session(tmp_path_factory, "sigterm", build)
+    return {**json.loads((folder / "result.json").read_text()), "run": folder / "run"}
 
 
 @pytest.mark.e2e
 def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(sigterm_run, uninterrupted):
-    first, out = sigterm_run["first"], sigterm_run["first_out"]
-    assert first.returncode == 0, out[-3000:]
+    out = sigterm_run["first_out"]
+    assert sigterm_run["first_rc"] == 0, out[-3000:]
     stopped_at = max(sigterm_run["rows"])
     assert stopped_at < 6 and f"stopped by SIGTERM at step {stopped_at}; checkpoint written" in out, out[-3000:]
     assert sigterm_run["latest"] == step_tag(stopped_at)
 
-    resumed = sigterm_run["resumed"]
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sigterm_run["resumed_rc"] == 0, sigterm_run["resumed_stderr"][-3000:]
     assert same_weights(sigterm_run["run"], uninterrupted[0])
 
 
 @pytest.mark.e2e
 def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(sigterm_run):
-    second, first = sigterm_run["second"], sigterm_run["first"]
+    second_stderr = sigterm_run["second_stderr"]
     assert sigterm_run["first_alive"], "the first run ended before the second started: nothing was tested"
-    assert second.returncode == 2, second.stderr[-3000:]
-    refusals = [line for line in second.stderr.splitlines() if "in use by another run" in line]
-    assert len(refusals) == 1 and f"pid {first.pid}" in refusals[0] and "Traceback" not in second.stderr
-    assert first.returncode == 0 and "checkpoint written" in sigterm_run["first_out"]
+    assert sigterm_run["second_rc"] == 2, second_stderr[-3000:]
+    refusals = [line for line in second_stderr.splitlines() if "in use by another run" in line]
+    assert len(refusals) == 1 and f"pid {sigterm_run['first_pid']}" in refusals[0] and "Traceback" not in second_stderr
+    assert sigterm_run["first_rc"] == 0 and "checkpoint written" in sigterm_run["first_out"]
     steps = sigterm_run["rows"]
     assert steps == list(range(1, len(steps) + 1))  # one run's rows, once each
     # The lock went with its owner: a later run takes the folder without asking.
-    assert sigterm_run["resumed"].returncode == 0, sigterm_run["resumed"].stderr[-3000:]
+    assert sigterm_run["resumed_rc"] == 0, sigterm_run["resumed_stderr"][-3000:]
 
 
 @pytest.mark.e2e
@@ -241,30 +269,35 @@ EMPTY_STEPS = (50, 60, 70)  # newer than every real checkpoint: the README's "em
 
 
 @pytest.fixture(scope="module")
-def damaged_resume(uninterrupted, data_dir, ds, tmp_path_factory):
+def damaged_resume(uninterrupted, data_dir, ds, tmp_path_factory) -> tuple[Path, str, str]:
     """A copy of the uninterrupted run with its optimizer file of step 6 truncated, that of step 4
     corrupted at the same size, and three empty step folders newer than both; resumed with
-    keep_last 1. Returns the run folder, the truncated file's name and the resuming process."""
-    run = tmp_path_factory.mktemp("damaged") / "run"
-    shutil.copytree(uninterrupted[0], run)
-    ckpt = Path(checkpoint_dir(str(run)))
-    truncated = next((ckpt / step_tag(6)).glob("*optim_states.pt"))
-    truncated.write_bytes(truncated.read_bytes()[:1000])
-    flipped = next((ckpt / step_tag(4)).glob("*optim_states.pt"))
-    data = bytearray(flipped.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])  # same size, other bytes
-    flipped.write_bytes(bytes(data))
-    for step in EMPTY_STEPS:
-        (ckpt / step_tag(step)).mkdir()
-    return run, truncated.name, run_train(run, data_dir, ds, *STEPS, "--keep_last", "1")
+    keep_last 1. The run folder, the truncated file's name and the resuming run's stderr."""
+    def build(folder: Path) -> None:
+        run = folder / "run"
+        shutil.copytree(uninterrupted[0], run)
+        ckpt = Path(checkpoint_dir(str(run)))
+        truncated = next((ckpt / step_tag(6)).glob("*optim_states.pt"))
+        truncated.write_bytes(truncated.read_bytes()[:1000])
+        flipped = next((ckpt / step_tag(4)).glob("*optim_states.pt"))
+        data = bytearray(flipped.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])  # same size, other bytes
+        flipped.write_bytes(bytes(data))
+        for step in EMPTY_STEPS:
+            (ckpt / step_tag(step)).mkdir()
+        (folder / "truncated.txt").write_text(truncated.name)
+        (folder / "stderr.txt").write_text(run_train(run, data_dir, ds, *STEPS, "--keep_last", "1").stderr)
+
+    folder = once_per_session(tmp_path_factory, "damaged_resume", build)
+    return folder / "run", (folder / "truncated.txt").read_text(), (folder / "stderr.txt").read_text()
 
 
 @pytest.mark.e2e
 def test_truncated_checkpoint_file_is_skipped_and_kept(damaged_resume):
-    run, optim_name, proc = damaged_resume
+    run, optim_name, stderr = damaged_resume
     ckpt = Path(checkpoint_dir(str(run)))
-    assert f"skipping checkpoint {ckpt / step_tag(6)}: file {optim_name} has 1000 bytes" in proc.stderr
+    assert f"skipping checkpoint {ckpt / step_tag(6)}: file {optim_name} has 1000 bytes" in stderr
     damaged = list(ckpt.glob(step_tag(6) + ".damaged-*"))
     assert len(damaged) == 1 and (damaged[0] / optim_name).stat().st_size == 1000  # kept, not overwritten
     assert (ckpt / "latest").read_text() == step_tag(6)
@@ -272,25 +305,25 @@ def test_truncated_checkpoint_file_is_skipped_and_kept(damaged_resume):
 
 @pytest.mark.e2e
 def test_same_size_corruption_of_the_optimizer_file_falls_back_to_the_previous_checkpoint(damaged_resume):
-    run, _, proc = damaged_resume
+    run, _, stderr = damaged_resume
     ckpt = Path(checkpoint_dir(str(run)))
-    assert f"skipping checkpoint {ckpt / step_tag(4)}" in proc.stderr, proc.stderr[-3000:]
-    assert f"resumed from {ckpt / step_tag(2)}" in proc.stderr
+    assert f"skipping checkpoint {ckpt / step_tag(4)}" in stderr, stderr[-3000:]
+    assert f"resumed from {ckpt / step_tag(2)}" in stderr
 
 
 @pytest.mark.e2e
 def test_empty_checkpoint_step_folders_are_skipped(damaged_resume, uninterrupted):
-    run, _, proc = damaged_resume
+    run, _, stderr = damaged_resume
     ckpt = Path(checkpoint_dir(str(run)))
     for step in EMPTY_STEPS:
-        assert f"skipping checkpoint {ckpt / step_tag(step)}: incomplete: no manifest.json" in proc.stderr
-    assert "resumed from" in proc.stderr and losses(run).keys() >= {3, 4, 5, 6}
+        assert f"skipping checkpoint {ckpt / step_tag(step)}: incomplete: no manifest.json" in stderr
+    assert "resumed from" in stderr and losses(run).keys() >= {3, 4, 5, 6}
     assert same_weights(run, uninterrupted[0])  # the steps after the resume point were trained again
 
 
 @pytest.mark.e2e
 def test_keep_last_1_with_newer_empty_step_folders_keeps_the_newest_complete_checkpoint(damaged_resume):
-    run, _, proc = damaged_resume
+    run, _, _ = damaged_resume
     ckpt = Path(checkpoint_dir(str(run)))
     assert loadable(ckpt / step_tag(6))
     assert not (ckpt / step_tag(2)).exists() and not (ckpt / step_tag(4)).exists()  # pruned: 1 complete kept

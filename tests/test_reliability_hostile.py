@@ -1,7 +1,11 @@
 """Hostile users and flaky clusters, in real processes: code-running pickles on every path that
-reads a checkpoint, damaged folders with keep_last, signals under the real launchers, two runs
-on one output_dir, same-size corruption, non-finite weights at save, broken DeepSpeed JSON, a
-full disk, changed settings at resume, and byte-reproducible exports.
+reads a checkpoint, signals under the real launchers, non-finite weights at save, broken
+DeepSpeed JSON, a full disk, changed settings at resume, and byte-reproducible exports.
+(Damaged folders with keep_last, same-size corruption and two runs on one output_dir are in
+test_reliability.py, which damages copies of one training run.)
+
+The commands that only read a checkpoint (export, knn, visualize) run in this process through
+their main(argv); train.py and the launchers run in real processes.
 
 TRAIN_PY (environment) names another copy of train.py to drive; the default is the repo's.
 """
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 from train_helpers import REPO, checkpoint_dir, free_port, step_tag, train_args, write_ds_config
 
@@ -45,6 +50,21 @@ def run_train(run: Path, data_dir: Path, ds: Path, *extra: str, expect_rc: int |
 def run_module(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env(), capture_output=True, text=True,
                           timeout=300)
+
+
+def run_main(capfd: pytest.CaptureFixture, module: str, *argv: str) -> tuple[int, str, str]:
+    """`python -m module argv` in this process: (exit code, stdout, stderr). An exception that
+    escapes main (a traceback for the user) fails the test."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    capfd.readouterr()
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capfd.readouterr()
+    return rc, out, err
 
 
 class RunsCode:
@@ -81,12 +101,31 @@ def ds(tmp_path_factory):
     return write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json", 2, 8)
 
 
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills once per pytest session: under pytest-xdist the workers
+    share it (their base temp folders have one parent) and the first to ask builds it while the
+    others wait, instead of each training the same run again."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent
+    folder = root / f"shared_{name}"
+    with FileLock(str(root / f"shared_{name}.lock")):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def two_step_run(data_dir, ds, tmp_path_factory):
-    """A finished 2-step run (checkpoint step 2, encoder export); tests copy it."""
-    run = tmp_path_factory.mktemp("two") / "run"
-    run_train(run, data_dir, ds, "--max_steps", "2")
-    return run
+    """A finished 2-step run (checkpoint step 2, encoder export), trained once per session; tests
+    copy it or only read it."""
+    return once_per_session(tmp_path_factory, "two_step_run",
+                            lambda folder: run_train(folder / "run", data_dir, ds, "--max_steps", "2")) / "run"
 
 
 @pytest.fixture
@@ -123,7 +162,8 @@ def test_a_crafted_state_step_cannot_point_the_end_of_run_export_at_a_hostile_fo
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("command", ["export", "knn", "visualize"])
-def test_every_reading_command_refuses_a_code_running_pickle_in_one_line(command, run_copy, data_dir, tmp_path):
+def test_every_reading_command_refuses_a_code_running_pickle_in_one_line(command, run_copy, data_dir, tmp_path,
+                                                                         capfd):
     marker = tmp_path / "code_ran"
     plant(Path(checkpoint_dir(str(run_copy))) / step_tag(2), "mp_rank_00_model_states.pt",
           {"module": RunsCode(marker)})
@@ -133,14 +173,14 @@ def test_every_reading_command_refuses_a_code_running_pickle_in_one_line(command
             "knn": ["img2vec.eval.knn", "--encoder", str(run_copy), "--data_path", str(tmp_path / "nodata")],
             "visualize": ["img2vec.visualize", "--encoder", str(run_copy), "--image_paths", image, "--output_dir",
                           str(tmp_path / "v")]}
-    proc = run_module(*args[command])
+    rc, _, stderr = run_main(capfd, *args[command])
     assert not marker.exists(), f"{command} ran the pickle"
-    errors = [line for line in proc.stderr.splitlines() if "outside the safe set" in line]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "outside the safe set" in line]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
 
 
 @pytest.mark.e2e
-def test_latest_pointing_out_of_the_run_folder_is_not_followed(run_copy, tmp_path):
+def test_latest_pointing_out_of_the_run_folder_is_not_followed(run_copy, tmp_path, capfd):
     marker, elsewhere = tmp_path / "code_ran", tmp_path / "elsewhere" / "checkpoints" / "evil"
     shutil.copytree(Path(checkpoint_dir(str(run_copy))) / step_tag(2), elsewhere)
     (elsewhere / "manifest.json").unlink()
@@ -150,29 +190,12 @@ def test_latest_pointing_out_of_the_run_folder_is_not_followed(run_copy, tmp_pat
     shutil.copy(run_copy / "config.yaml", victim / "config.yaml")
     (victim / "checkpoints" / "latest").write_text(os.path.relpath(elsewhere, victim / "checkpoints"))
 
-    proc = run_module("img2vec.export", "--encoder", str(victim), "--output_dir", str(tmp_path / "out"))
+    rc, _, stderr = run_main(capfd, "img2vec.export", "--encoder", str(victim), "--output_dir", str(tmp_path / "out"))
     assert not marker.exists(), "latest was followed out of the run folder"
-    assert proc.returncode == 2 and "no DeepSpeed checkpoint" in proc.stderr, proc.stderr[-3000:]
+    assert rc == 2 and "no DeepSpeed checkpoint" in stderr, stderr[-3000:]
 
 
-# --- 2. Pruning counts complete checkpoints only ---------------------------------------------------
-
-
-@pytest.mark.e2e
-def test_keep_last_1_with_newer_empty_step_folders_keeps_the_newest_complete_checkpoint(data_dir, ds, tmp_path):
-    run = tmp_path / "run"
-    ckpt = Path(checkpoint_dir(str(run)))
-    for step in (50, 60, 70):  # the README's "empty checkpoint folder" fault, three times
-        (ckpt / step_tag(step)).mkdir(parents=True)
-    proc = run_train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2", "--keep_last", "1",
-                     expect_rc=None)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert loadable(ckpt / step_tag(4)) and not (ckpt / step_tag(2)).exists()  # pruned: 1 complete kept
-    assert all((ckpt / step_tag(s)).is_dir() for s in (50, 60, 70))  # damaged ones: left, not counted
-    assert (run / "encoder.safetensors").is_file()
-
-
-# --- 3. Signals under the real launchers --------------------------------------------------------------
+# --- 2. Signals under the real launchers --------------------------------------------------------------
 
 
 def launch(cmd: list[str], run: Path, data_dir: Path, ds: Path, *extra: str, step_delay: str = "0.5",
@@ -250,45 +273,7 @@ def test_a_second_ctrl_c_exits_at_once(data_dir, ds, tmp_path):
     assert proc.returncode == 128 + signal.SIGINT and "SIGINT again: exiting now" in out, out[-3000:]
 
 
-# --- 4. One run per output_dir; same-size corruption ---------------------------------------------------
-
-
-@pytest.mark.e2e
-def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_first(data_dir, ds, tmp_path):
-    run = tmp_path / "run"
-    first = launch(LAUNCHERS["python"](), run, data_dir, ds, "--max_steps", "500", step_delay="1")
-    wait_for_first_step(first, run)
-    second = run_train(run, data_dir, ds, *STEPS, expect_rc=None)
-    assert first.poll() is None, "the first run ended before the second started: nothing was tested"
-    first.send_signal(signal.SIGTERM)
-    out = drain(first)
-    assert second.returncode == 2, second.stderr[-3000:]
-    refusals = [line for line in second.stderr.splitlines() if "in use by another run" in line]
-    assert len(refusals) == 1 and f"pid {first.pid}" in refusals[0] and "Traceback" not in second.stderr
-    assert first.returncode == 0 and "checkpoint written" in out, out[-3000:]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, len(steps) + 1))  # one run's rows, once each
-    # The lock went with its owner: a later run takes the folder without asking.
-    run_train(run, data_dir, ds, "--max_steps", str(steps[-1] + 1))
-
-
-@pytest.mark.e2e
-def test_same_size_corruption_of_the_optimizer_file_falls_back_to_the_previous_checkpoint(data_dir, ds, tmp_path):
-    run = tmp_path / "run"
-    run_train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
-    ckpt = Path(checkpoint_dir(str(run)))
-    optim = next((ckpt / step_tag(4)).glob("*optim_states.pt"))
-    data = bytearray(optim.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])  # same size, other bytes
-    optim.write_bytes(bytes(data))
-
-    proc = run_train(run, data_dir, ds, "--max_steps", "4", "--ckpt_every", "2")
-    assert f"skipping checkpoint {ckpt / step_tag(4)}" in proc.stderr, proc.stderr[-3000:]
-    assert f"resumed from {ckpt / step_tag(2)}" in proc.stderr
-
-
-# --- 6. Non-finite weights are never committed -----------------------------------------------------------
+# --- 3. Non-finite weights are never committed -----------------------------------------------------------
 
 
 @pytest.mark.e2e
@@ -306,19 +291,27 @@ def test_a_checkpoint_never_holds_non_finite_weights(data_dir, ds, tmp_path):
     assert all(torch.isfinite(v).all() for v in load_fp32_state_dict(str(ckpt / step_tag(2)), {}).values())
 
 
-# --- 7. One line, not a traceback: DeepSpeed JSON, full disk -----------------------------------------------
+# --- 4. One line, not a traceback: DeepSpeed JSON, full disk -----------------------------------------------
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("content,expected", [
-    ("[1, 2]", "must hold a JSON object"),
-    ('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 7}}', "stage must be one of 0, 1, 2, 3"),
+@pytest.mark.parametrize("content,expected,where", [
+    ("[1, 2]", "must hold a JSON object", "in-process"),
+    ('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 7}}', "stage must be one of 0, 1, 2, 3",
+     "subprocess"),
 ], ids=["list", "zero_stage_7"])
-def test_a_broken_deepspeed_json_is_one_line_and_exit_2(content, expected, data_dir, tmp_path):
+def test_a_broken_deepspeed_json_is_one_line_and_exit_2(content, expected, where, data_dir, tmp_path, capfd):
+    """Refused before anything slow: train.py's main in this process, and once as a real process."""
     bad = tmp_path / "ds.json"
     bad.write_text(content)
-    proc = run_train(tmp_path / "run", data_dir, bad, expect_rc=2)
-    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if where == "subprocess":
+        proc = run_train(tmp_path / "run", data_dir, bad, expect_rc=2)
+        rc, stderr = proc.returncode, proc.stderr
+    else:
+        rc, _, stderr = run_main(capfd, "img2vec.train", *train_args(tmp_path / "run", data_dir, bad))
+    assert rc == 2 and expected in stderr and "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if expected in line]
+    assert len(lines) == 1
 
 
 @pytest.mark.e2e
@@ -332,7 +325,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkp
     assert loadable(ckpt / step_tag(2)) and not (ckpt / (step_tag(4) + ".partial")).exists()
 
 
-# --- 8. Resume refuses changed settings; exports are byte-reproducible ------------------------------------
+# --- 5. Resume refuses changed settings; exports are byte-reproducible ------------------------------------
 
 
 @pytest.mark.e2e
@@ -349,14 +342,20 @@ def test_resume_with_another_micro_batch_or_zero_stage_is_refused_and_changes_no
 
 
 @pytest.mark.e2e
-def test_the_encoder_export_is_byte_reproducible(two_step_run, tmp_path):
-    outputs = []
-    for i in range(4):  # separate processes: safetensors' own writer orders metadata by a seeded hash
+def test_the_encoder_export_is_byte_reproducible(two_step_run, tmp_path, capfd):
+    # Four processes, each with its own hash seed (safetensors' own writer orders metadata by a
+    # seeded hash): the training run's end-of-run export, two export commands, and this process.
+    outputs = [(two_step_run / "encoder.safetensors").read_bytes()]
+    for i in range(2):
         out = tmp_path / f"out{i}"
         proc = run_module("img2vec.export", "--encoder", str(two_step_run), "--output_dir", str(out))
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs.append((out / "encoder.safetensors").read_bytes())
-    assert all(o == outputs[0] for o in outputs)
+    rc, _, stderr = run_main(capfd, "img2vec.export", "--encoder", str(two_step_run), "--output_dir",
+                             str(tmp_path / "here"))
+    assert rc == 0, stderr[-3000:]
+    outputs.append((tmp_path / "here" / "encoder.safetensors").read_bytes())
+    assert len(outputs) == 4 and all(o == outputs[0] for o in outputs)
     weights = load_file(str(tmp_path / "out0" / "encoder.safetensors"))
     trained = load_file(str(two_step_run / "encoder.safetensors"))
     assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in weights)
