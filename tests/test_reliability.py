@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 from safetensors.torch import load_file
-from train_helpers import REPO, checkpoint_dir, free_port, losses, step_tag, train_args, write_ds_config
+from train_helpers import (REPO, checkpoint_dir, free_port, losses, shared_dir, step_tag, train_args,
+                           write_ds_config)
 
 from img2vec.checkpoint import consolidated_fp32_state_dict
 from img2vec.optim import skip_step_if
@@ -70,25 +70,6 @@ def loadable(tag_dir: Path) -> bool:
     return tag_dir.is_dir() and check_complete(str(tag_dir)) is None
 
 
-def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
-    """A folder that `build(folder)` fills once per pytest session: under pytest-xdist the workers
-    share it (their base temp folders have one parent) and the first to ask builds it while the
-    others wait, instead of each training the same run again."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        folder = tmp_path_factory.mktemp(name)
-        build(folder)
-        return folder
-    root = tmp_path_factory.getbasetemp().parent
-    folder = root / f"shared_{name}"
-    with FileLock(str(root / f"shared_{name}.lock")):
-        if not (folder / ".built").exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            (folder / ".built").touch()
-    return folder
-
-
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     return write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json", 2, 8)
@@ -103,7 +84,7 @@ def uninterrupted(data_dir, ds, tmp_path_factory) -> tuple[Path, str]:
         Path(checkpoint_dir(str(run))).mkdir(parents=True)
         (folder / "stderr.txt").write_text(run_train(run, data_dir, ds, *STEPS).stderr)
 
-    folder = once_per_session(tmp_path_factory, "uninterrupted", build)
+    folder = shared_dir(tmp_path_factory, "reliability_uninterrupted", build)
     return folder / "run", (folder / "stderr.txt").read_text()
 
 
@@ -164,7 +145,7 @@ def sigterm_run(data_dir, ds, tmp_path_factory) -> dict:
             "second_rc": second.returncode, "second_stderr": second.stderr, "rows": rows, "latest": latest,
             "resumed_rc": resumed.returncode, "resumed_stderr": resumed.stderr}))
 
-    folder = once_per_session(tmp_path_factory, "sigterm", build)
+    folder = shared_dir(tmp_path_factory, "reliability_sigterm", build)
     return {**json.loads((folder / "result.json").read_text()), "run": folder / "run"}
 
 
@@ -289,7 +270,7 @@ def damaged_resume(uninterrupted, data_dir, ds, tmp_path_factory) -> tuple[Path,
         (folder / "truncated.txt").write_text(truncated.name)
         (folder / "stderr.txt").write_text(run_train(run, data_dir, ds, *STEPS, "--keep_last", "1").stderr)
 
-    folder = once_per_session(tmp_path_factory, "damaged_resume", build)
+    folder = shared_dir(tmp_path_factory, "reliability_damaged_resume", build)
     return folder / "run", (folder / "truncated.txt").read_text(), (folder / "stderr.txt").read_text()
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 from safetensors.torch import load_file
-from train_helpers import REPO, checkpoint_dir, free_port, step_tag, train_args, write_ds_config
+from train_helpers import REPO, checkpoint_dir, free_port, shared_dir, step_tag, train_args, write_ds_config
 
 TRAIN = Path(os.environ.get("TRAIN_PY", REPO / "img2vec" / "train.py"))
 INJECT = REPO / "tests" / "fault_injection.py"
@@ -101,31 +100,12 @@ def ds(tmp_path_factory):
     return write_ds_config(tmp_path_factory.mktemp("ds") / "ds.json", 2, 8)
 
 
-def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
-    """A folder that `build(folder)` fills once per pytest session: under pytest-xdist the workers
-    share it (their base temp folders have one parent) and the first to ask builds it while the
-    others wait, instead of each training the same run again."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        folder = tmp_path_factory.mktemp(name)
-        build(folder)
-        return folder
-    root = tmp_path_factory.getbasetemp().parent
-    folder = root / f"shared_{name}"
-    with FileLock(str(root / f"shared_{name}.lock")):
-        if not (folder / ".built").exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            (folder / ".built").touch()
-    return folder
-
-
 @pytest.fixture(scope="module")
 def two_step_run(data_dir, ds, tmp_path_factory):
     """A finished 2-step run (checkpoint step 2, encoder export), trained once per session; tests
     copy it or only read it."""
-    return once_per_session(tmp_path_factory, "two_step_run",
-                            lambda folder: run_train(folder / "run", data_dir, ds, "--max_steps", "2")) / "run"
+    return shared_dir(tmp_path_factory, "hostile_two_step_run",
+                      lambda folder: run_train(folder / "run", data_dir, ds, "--max_steps", "2")) / "run"
 
 
 @pytest.fixture
