@@ -1,4 +1,6 @@
 """Fixtures every test file may use: the sample set, a private cache, one CPU thread."""
+import os
+
 import pytest
 import torch
 
@@ -24,3 +26,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker per core, at most 8. Each end-to-end test starts training
+    processes of over 1 GB each, so a many-core machine would otherwise run out of memory first."""
+    return min(len(os.sched_getaffinity(0)), 8)
