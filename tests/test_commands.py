@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import exit_code
 from train_helpers import REPO
 
 # (how it is started, what the usage line must name). train and finetune are DeepSpeed scripts:
@@ -61,15 +62,6 @@ def restore_process_state():
     os.environ.clear()
     os.environ.update(env)
     torch.set_num_threads(threads)
-
-
-def exit_code(main, argv: list[str]) -> int:
-    """What `sys.exit(main())` would exit with: main's return value or its SystemExit code."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return 0 if code is None else code
 
 
 @pytest.mark.parametrize("command, names", COMMANDS, ids=IDS)

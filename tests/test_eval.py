@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import exit_code
 from eval_helpers import PROOF_STEPS, digits_root, digits_run, start_digits_run
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
@@ -86,15 +87,6 @@ def test_finetune_config_reads_flags_and_refuses_unknown_keys(tmp_path):
     for bad in (["--base_lr", "nan"], ["--layer_decay", "0"], ["--seed", "-1"], ["--label_smoothing", "1.5"]):
         with pytest.raises(ConfigError):
             load_config(None, [*data, *bad], FinetuneConfig)
-
-
-def exit_code(main, argv: list[str]) -> int:
-    """What `sys.exit(main())` would exit with: main's return value or its SystemExit code."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return 0 if code is None else code
 
 
 def test_finetune_command_help_and_print_config(tmp_path, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import exit_code
 import torch
 import torch.nn.functional as F
 import yaml
@@ -208,15 +209,6 @@ def test_pretrain_presets_follow_dbot_drop_path_and_clipping(name, clip, drop_pa
     assert (cfg.drop_path, cfg.epochs) == (drop_path, 1600)
     with pytest.raises(ConfigError, match=r"drop_path must be in \[0, 1\), got 1.0"):
         load_config(str(tmp_path / "run.yaml"), ["--drop_path", "1.0"], Config)
-
-
-def exit_code(main, argv: list[str]) -> int:
-    """What `sys.exit(main())` would exit with: main's return value or its SystemExit code."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return 0 if code is None else code
 
 
 def test_linear_probe_preset_parses_with_the_linear_probe_command(tmp_path, capsys):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_main
 from PIL import Image
 
 from dataloading import DataError, LoaderSpec, build_loader, open_source
@@ -71,14 +72,7 @@ def _verify_process(*args: str) -> subprocess.CompletedProcess:
 def _verify(capfd: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
     """`python -m dataloading.verify args` run through its main in this process; an exception that
     escapes main (a traceback for the user) fails the test."""
-    from dataloading.verify import main
-
-    capfd.readouterr()
-    try:
-        rc = main(list(args))
-    except SystemExit as e:
-        rc = e.code
-    out, err = capfd.readouterr()
+    rc, out, err = run_main(capfd, "dataloading.verify", *args)
     return subprocess.CompletedProcess(["dataloading.verify", *args], rc, out, err)
 
 

@@ -15,37 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import (REPO, checkpoint_dir, free_port, losses, shared_dir, step_tag, train_args,
-                           write_ds_config)
+from train_helpers import (INJECT, REPO, checkpoint_dir, fault_env, losses, run_train,
+                           shared_dir, step_tag, train_args, write_ds_config)
 
 from img2vec.checkpoint import consolidated_fp32_state_dict
 from img2vec.optim import skip_step_if
 
-TRAIN = Path(os.environ.get("TRAIN_PY", REPO / "img2vec" / "train.py"))
-INJECT = REPO / "tests" / "fault_injection.py"
 STEPS = ["--max_steps", "6", "--ckpt_every", "2"]
-
-
-def env(**faults: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "TRAIN_PY": str(TRAIN),
-            **{f"FAULT_{k.upper()}": v for k, v in faults.items()}}
-
-
-def run_train(run: Path, data_dir: Path, ds: Path, *extra: str, expect_rc: int | None = 0,
-              **faults: str) -> subprocess.CompletedProcess:
-    """train.py in one plain python process (through the fault injector when faults are given)."""
-    script = [str(INJECT)] if faults else [str(TRAIN)]
-    proc = subprocess.run([sys.executable, *script, *train_args(run, data_dir, ds, *extra)], cwd=REPO,
-                          env=env(**faults), capture_output=True, text=True, timeout=600)
-    if expect_rc is not None:
-        assert proc.returncode == expect_rc, f"rc {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
 
 
 def launch(run: Path, data_dir: Path, ds: Path, *extra: str, **faults: str) -> subprocess.Popen:
     """train.py through the fault injector, running in the background; stdout and stderr in one pipe."""
     return subprocess.Popen([sys.executable, str(INJECT), *train_args(run, data_dir, ds, *extra)], cwd=REPO,
-                            env=env(**faults), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=fault_env(**faults), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def read_until(proc: subprocess.Popen, marker: str) -> str:

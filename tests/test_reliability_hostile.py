@@ -21,49 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import REPO, checkpoint_dir, free_port, shared_dir, step_tag, train_args, write_ds_config
+from cli_helpers import run_main
+from train_helpers import (INJECT, REPO, checkpoint_dir, fault_env, free_port, run_train, shared_dir,
+                           step_tag, train_args, write_ds_config)
 
-TRAIN = Path(os.environ.get("TRAIN_PY", REPO / "img2vec" / "train.py"))
-INJECT = REPO / "tests" / "fault_injection.py"
 STEPS = ["--max_steps", "6", "--ckpt_every", "2"]
 DEEPSPEED = shutil.which("deepspeed")
 TORCHRUN = shutil.which("torchrun")
 
 
-def env(**faults: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "TRAIN_PY": str(TRAIN),
-            **{f"FAULT_{k.upper()}": v for k, v in faults.items()}}
-
-
-def run_train(run: Path, data_dir: Path, ds: Path, *extra: str, expect_rc: int | None = 0,
-              **faults: str) -> subprocess.CompletedProcess:
-    """train.py in one plain python process (through the fault injector when faults are given)."""
-    script = [str(INJECT)] if faults else [str(TRAIN)]
-    proc = subprocess.run([sys.executable, *script, *train_args(run, data_dir, ds, *extra)], cwd=REPO,
-                          env=env(**faults), capture_output=True, text=True, timeout=600)
-    if expect_rc is not None:
-        assert proc.returncode == expect_rc, f"rc {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
 def run_module(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=fault_env(), capture_output=True, text=True,
                           timeout=300)
-
-
-def run_main(capfd: pytest.CaptureFixture, module: str, *argv: str) -> tuple[int, str, str]:
-    """`python -m module argv` in this process: (exit code, stdout, stderr). An exception that
-    escapes main (a traceback for the user) fails the test."""
-    import importlib
-
-    main = importlib.import_module(module).main
-    capfd.readouterr()
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out, err = capfd.readouterr()
-    return rc, out, err
 
 
 class RunsCode:
@@ -182,7 +151,7 @@ def launch(cmd: list[str], run: Path, data_dir: Path, ds: Path, *extra: str, ste
            **faults) -> subprocess.Popen:
     """Start a launcher command line in its own session (so a test can signal its process group)."""
     return subprocess.Popen([*cmd, str(INJECT), *train_args(run, data_dir, ds, *STEPS, *extra)], cwd=REPO,
-                            env=env(step_delay=step_delay, **faults), stdout=subprocess.PIPE,
+                            env=fault_env(step_delay=step_delay, **faults), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

@@ -15,6 +15,10 @@ from img2vec.checkpoint import checkpoint_dir, step_tag  # noqa: F401  (re-expor
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "img2vec" / "train.py"
+# The reliability tests drive TRAIN_PY when set (another copy of train.py, e.g. an older one) and
+# inject faults through this launcher.
+TRAIN_UNDER_TEST = Path(os.environ.get("TRAIN_PY", TRAIN))
+INJECT = REPO / "tests" / "fault_injection.py"
 
 
 def free_port() -> int:
@@ -74,3 +78,20 @@ def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
             build(folder)
             (folder / ".built").touch()
     return folder
+
+
+def fault_env(**faults: str) -> dict:
+    """The environment of a train.py process with these faults (fault_injection.py: FAULT_<NAME>)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), "TRAIN_PY": str(TRAIN_UNDER_TEST),
+            **{f"FAULT_{k.upper()}": v for k, v in faults.items()}}
+
+
+def run_train(run: Path, data_dir: Path, ds: Path, *extra: str, expect_rc: int | None = 0,
+              **faults: str) -> subprocess.CompletedProcess:
+    """train.py in one plain python process (through the fault injector when faults are given)."""
+    script = [str(INJECT)] if faults else [str(TRAIN_UNDER_TEST)]
+    proc = subprocess.run([sys.executable, *script, *train_args(run, data_dir, ds, *extra)], cwd=REPO,
+                          env=fault_env(**faults), capture_output=True, text=True, timeout=600)
+    if expect_rc is not None:
+        assert proc.returncode == expect_rc, f"rc {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
