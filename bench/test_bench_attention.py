@@ -13,7 +13,6 @@ device's dense bf16 figure (H100 / H200: 989e12 FLOP/s); none on CPU.
 
 CPU: fp32, small ViT-tiny / MAE-decoder shapes. CUDA: bf16, ViT-B / L / H shapes.
 """
-import os
 
 import pytest
 import torch
@@ -38,19 +37,7 @@ SHAPES = {
     "mae_decoder": (2, 16, 197, 32),
 }
 ROUNDS = 20 if CUDA else 15
-# CPU threads for the timed code: 1 by default. On the shared 2-core machine, with another job
-# busy on one core, two OpenMP threads made a vit_tiny step 20-40x slower (4-8 s vs 0.2 s) and
-# the figures meaningless; set IMG2VEC_BENCH_THREADS to use more on a quiet machine.
-CPU_THREADS = int(os.environ.get("IMG2VEC_BENCH_THREADS", "1"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cpu_threads():
-    before = torch.get_num_threads()
-    if not CUDA:
-        torch.set_num_threads(CPU_THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("bench_cpu_threads")  # bench/conftest.py
 
 
 _medians = {}  # (shape, impl) -> seconds

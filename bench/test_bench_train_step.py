@@ -65,19 +65,7 @@ ROUNDS = 10
 COMPILE = set(filter(None, os.environ.get("IMG2VEC_BENCH_COMPILE", "vit_base" if CUDA else "").split(",")))
 TOL = {"loss": 2e-2, "grad_norm": 5e-2} if CUDA else {"loss": 1e-5, "grad_norm": 1e-4}
 
-# CPU threads for the timed code: 1 by default. On the shared 2-core machine, with another job
-# busy on one core, two OpenMP threads made a vit_tiny step 20-40x slower (4-8 s vs 0.2 s) and
-# the figures meaningless; set IMG2VEC_BENCH_THREADS to use more on a quiet machine.
-CPU_THREADS = int(os.environ.get("IMG2VEC_BENCH_THREADS", "1"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cpu_threads():
-    before = torch.get_num_threads()
-    if not CUDA:
-        torch.set_num_threads(CPU_THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("bench_cpu_threads")  # bench/conftest.py
 
 
 _shared = {}  # model -> weights, batch, FLOPs, the reference's parity figures
