@@ -325,67 +325,20 @@ def test_finetune_resumes_bitwise_after_sigterm(tmp_path):
     assert json.loads((stopped / "classifier.json").read_text())["top1"] == before["top1"]
 
 
-@pytest.fixture
-def in_process_entry_point(monkeypatch):
-    """Lets finetune.main set up its runtime in this process (a one-process gloo group on a free
-    port) and puts back what it changes: the environment, the root logger, the process group,
-    DeepSpeed's communication globals, torch's threads and RNG, and the run folder's lock."""
-    import logging
-
-    import deepspeed.comm.comm as ds_comm
-    import deepspeed.ops
-    import torch.distributed as dist
-
-    import img2vec.finetune as finetune
-
-    assert not dist.is_initialized(), "a process group is already up in this process"
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    locks = []
-
-    def lock_run_dir(output_dir):
-        locks.append(real_lock_run_dir(output_dir))
-        return locks[-1]
-
-    real_lock_run_dir = finetune.lock_run_dir
-    monkeypatch.setattr(finetune, "lock_run_dir", lock_run_dir)
-    root = logging.getLogger()
-    handlers, level, env = list(root.handlers), root.level, dict(os.environ)
-    cdb, ops, threads, rng = ds_comm.cdb, dict(deepspeed.ops.__compatible_ops__), torch.get_num_threads(), \
-        torch.get_rng_state()
-    yield
-    for lock in locks:
-        if lock is not None:
-            lock.release()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    ds_comm.cdb = cdb
-    deepspeed.ops.__compatible_ops__.clear()
-    deepspeed.ops.__compatible_ops__.update(ops)
-    torch.set_num_threads(threads)
-    torch.set_rng_state(rng)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    os.environ.clear()
-    os.environ.update(env)
-
-
-def test_a_missing_encoder_or_an_odd_mixup_batch_is_one_line_exit_2(tmp_path, capfd, in_process_entry_point):
-    from img2vec.finetune import main
-
+@pytest.mark.e2e  # a real finetune.py process: set-up (process group, DeepSpeed) stays out of the test process
+def test_a_missing_encoder_or_an_odd_mixup_batch_is_one_line_exit_2(tmp_path):
     data = image_tree(tmp_path / "data", per_class=2, classes=2)
     ds = write_ds_config(tmp_path / "ds.json", 2, 4)
     enc = export(tiny_encoder(), tmp_path / "enc")
-    capfd.readouterr()  # the set-up's output is not the command's
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     for args, message in (
             (["--encoder", str(tmp_path / "nope")], "does not exist"),
             (["--encoder", str(enc), "--mixup", "0.8", "--batch_size", "3"], "use an even batch_size, got 3")):
-        code = exit_code(main, ["--ds_config", str(ds), "--data_path", str(data), "--output_dir",
-                                str(tmp_path / "out"), *args])
-        err = capfd.readouterr().err
-        errors = [line for line in err.splitlines() if "error" in line]
-        assert code == 2 and len(errors) == 1 and message in errors[0], err[-2000:]
+        proc = subprocess.run([sys.executable, str(FINETUNE), "--ds_config", str(ds), "--data_path", str(data),
+                               "--output_dir", str(tmp_path / "out"), *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
 def test_randaugment_posterize_at_full_magnitude_gives_black_instead_of_crashing(tmp_path):
