@@ -3,16 +3,13 @@
 The run is the digits proof's recipe (tests/test_digits_proof.py measures it against random
 init); test_eval.py and test_export.py reuse its checkpoint instead of training their own.
 """
-import contextlib
-import fcntl
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from dataloading.digits import digits_dataset_dir
-from train_helpers import REPO, TRAIN, free_port, write_ds_config
+from train_helpers import REPO, TRAIN, free_port, shared_dir, write_ds_config
 
 # The digits recipe (docs/evaluation.md says why each setting is what it is): vit_tiny at 32x32, patch 8,
 # a random convnext_atto stem as the teacher, peak lr 1e-3 * 64 / 256, cosine to 0 at PROOF_STEPS.
@@ -30,72 +27,26 @@ def session_root(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@contextlib.contextmanager
-def exclusive(lock_path: Path):
-    """Held by one process at a time: the other workers wait here instead of training the same run."""
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def digits_root(tmp_path_factory) -> Path:
     """The digits tree (train/, val/) in this session's temp folder, built once."""
     return digits_dataset_dir(cache_dir=session_root(tmp_path_factory) / "img2vec-cache")
 
 
-def pretrain_command(run_dir: Path, data_root: Path, seed: int, steps: int = PROOF_STEPS,
-                     *extra: str) -> tuple[list[str], dict]:
-    """(command line, environment) of train.py on data_root/train for `steps` optimizer steps."""
+def pretrain(run_dir: Path, data_root: Path, seed: int, steps: int = PROOF_STEPS, *extra: str) -> Path:
+    """train.py on data_root/train for `steps` optimizer steps (batch 64, fp32 on CPU); returns run_dir."""
     ds = write_ds_config(run_dir.parent / f"{run_dir.name}_ds.json", 1, 64)
     cmd = [sys.executable, str(TRAIN), "--ds_config", str(ds), "--output_dir", str(run_dir),
            "--data_path", str(data_root / "train"), "--seed", str(seed), "--max_steps", str(steps),
            *PROOF_ARGS, *extra]
-    return cmd, {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-
-
-def pretrain(run_dir: Path, data_root: Path, seed: int, steps: int = PROOF_STEPS, *extra: str) -> Path:
-    """train.py on data_root/train for `steps` optimizer steps (batch 64, fp32 on CPU); returns run_dir."""
-    cmd, env = pretrain_command(run_dir, data_root, seed, steps, *extra)
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return run_dir
 
 
-_background: list[subprocess.Popen] = []  # kept referenced: the runs outlive the fixture that starts them
-
-
-def start_digits_run(tmp_path_factory, seed: int = 0) -> None:
-    """Start the proof's pretraining run for `seed` in the background unless it is trained or being
-    trained, so that it trains while other tests run. The training process holds the run's lock
-    until it exits: digits_run waits for it instead of training the run a second time."""
-    run = session_root(tmp_path_factory) / f"digits_run_seed{seed}"
-    fd = os.open(run.parent / f"{run.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # trained by another process right now
-        if (run / "encoder.safetensors").is_file():
-            return
-        shutil.rmtree(run, ignore_errors=True)  # what a failed attempt left
-        cmd, env = pretrain_command(run, digits_root(tmp_path_factory), seed)
-        with open(run.parent / f"{run.name}.log", "w") as log:
-            _background.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                pass_fds=(fd,)))
-    finally:
-        os.close(fd)  # a started run keeps the lock through its own copy of the descriptor
-
-
 def digits_run(tmp_path_factory, seed: int = 0) -> Path:
     """The proof's pretraining run for `seed`, trained once per test session (across xdist workers
-    too; a run start_digits_run began is waited for). Tests read it; one that writes into a run copies
-    it first."""
-    run = session_root(tmp_path_factory) / f"digits_run_seed{seed}"
-    with exclusive(run.parent / f"{run.name}.lock"):
-        if not (run / "encoder.safetensors").is_file():
-            shutil.rmtree(run, ignore_errors=True)  # what a failed background attempt left (its log stays)
-            pretrain(run, digits_root(tmp_path_factory), seed)
-    return run
+    too). Tests read it; one that writes into a run copies it first."""
+    data = digits_root(tmp_path_factory)
+    folder = shared_dir(tmp_path_factory, f"digits_run_seed{seed}", lambda f: pretrain(f / "run", data, seed))
+    return folder / "run"

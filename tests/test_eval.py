@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from cli_helpers import exit_code
-from eval_helpers import PROOF_STEPS, digits_root, digits_run, start_digits_run
+from eval_helpers import PROOF_STEPS, digits_root, digits_run
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from train_helpers import REPO, free_port, write_ds_config
@@ -20,14 +20,6 @@ from img2vec.eval.knn import knn_scores, topk_accuracy
 from img2vec.eval.linear_probe import train_linear_probe
 from img2vec.config import ConfigError, FinetuneConfig, load_config
 from img2vec.finetune import layer_id, param_groups_lrd
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _digits_run_trains_early(request, tmp_path_factory):
-    """With this module's e2e tests selected (they all read the digits run), the run starts training in
-    the background at the module's first test instead of at the first test that needs it."""
-    if any(item.module is request.module and item.get_closest_marker("e2e") for item in request.session.items):
-        start_digits_run(tmp_path_factory)
 
 
 def test_knn_scores_are_temperature_weighted_votes_of_the_k_nearest():

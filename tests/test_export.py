@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from eval_helpers import PROOF_STEPS, digits_run, start_digits_run
+from eval_helpers import PROOF_STEPS, digits_run
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from train_helpers import REPO
@@ -15,14 +15,6 @@ from train_helpers import REPO
 from img2vec.checkpoint import step_tag
 from img2vec.eval.common import load_encoder
 from img2vec.export import export_checkpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _digits_run_trains_early(request, tmp_path_factory):
-    """With this module's e2e tests selected (they all read the digits run), the run starts training in
-    the background at the module's first test instead of at the first test that needs it."""
-    if any(item.module is request.module and item.get_closest_marker("e2e") for item in request.session.items):
-        start_digits_run(tmp_path_factory)
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
