@@ -104,17 +104,16 @@ def effective_rank(features: torch.Tensor, reduction: str = "mean", chunk_size=N
 # ------------------------------------------------------------------------------------------
 
 
-def collapse_probe(pred: torch.Tensor, target: torch.Tensor, ids_masked: torch.Tensor,
-                   images: int | None = None) -> dict[str, torch.Tensor]:
-    """Token diversity of the student's predictions and of what they regress, on the first
-    `images` images of the micro-batch (default: all of them; a few images make a noisy reading,
-    since a flat photograph's targets differ far more than any prediction of them can).
+def collapse_probe(pred: torch.Tensor, target: torch.Tensor, ids_masked: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token diversity of the student's predictions and of what they regress, on the whole
+    micro-batch (a few images make a noisy reading: a flat photograph's targets differ far more
+    than any prediction of them can).
 
     pred (B, M, C) for the masked patches, target (B, N, C) raw teacher features, ids_masked
     (B, M). Returns device scalars (no host sync): `div_pred` falling far below `div_target`
     means the student is collapsing to one vector.
     """
-    k, C = pred.shape[0] if images is None else min(images, pred.shape[0]), target.shape[-1]
-    wanted = torch.gather(target[:k], 1, ids_masked[:k, :, None].expand(-1, -1, C))  # (k, M, C)
-    return {"div_pred": token_diversity(pred[:k].detach().float()),
+    C = target.shape[-1]
+    wanted = torch.gather(target, 1, ids_masked[:, :, None].expand(-1, -1, C))  # (B, M, C)
+    return {"div_pred": token_diversity(pred.detach().float()),
             "div_target": token_diversity(torch.nn.functional.layer_norm(wanted.float(), (C,)))}

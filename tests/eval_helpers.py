@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from dataloading.digits import digits_dataset_dir
-from train_helpers import REPO, TRAIN, free_port, shared_dir, write_ds_config
+from train_helpers import REPO, TRAIN, free_port, session_root, shared_dir, write_ds_config
 
 # The digits recipe (docs/evaluation.md says why each setting is what it is): vit_tiny at 32x32, patch 8,
 # a random convnext_atto stem as the teacher, peak lr 1e-3 * 64 / 256, cosine to 0 at PROOF_STEPS.
@@ -19,12 +19,6 @@ PROOF_ARGS = ("--model", "vit_tiny", "--image_size", "32", "--patch_size", "8",
               "--decoder_depth", "2", "--decoder_width", "128", "--decoder_heads", "4", "--mask_ratio", "0.75",
               "--base_lr", "1e-3", "--warmup_epochs", "1", "--num_workers", "0", "--log_every", "50",
               "--ckpt_every", "0", "--diversity_every", "0", "--verdict_data", "")
-
-
-def session_root(tmp_path_factory) -> Path:
-    """This test session's temp folder, one for all pytest-xdist workers (a worker's own is a folder in it)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def digits_root(tmp_path_factory) -> Path:

@@ -63,14 +63,17 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This test session's temp folder, one for all pytest-xdist workers (a worker's own is a folder in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
     """A folder that build(folder) fills once per test session, however many tests and pytest-xdist
     workers ask for it: the first builds it under a file lock, the others wait and reuse it. Tests
     read it; one that changes files copies it first (shutil.copytree)."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's folder, above each worker's own
-    folder = root / f"shared-{name}"
+    folder = session_root(tmp_path_factory) / f"shared-{name}"
     with FileLock(f"{folder}.lock"):
         if not (folder / ".built").exists():
             shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
