@@ -24,9 +24,9 @@ hog (MaskFeat, Wei et al. 2022): histograms of oriented gradients per 8x8-pixel 
 These are `skimage.feature.hog(channel, orientations=9, pixels_per_cell=(8, 8),
 cells_per_block=(1, 1), block_norm="L2")` per channel (tests/test_hog.py). MaskFeat differs in
 two details kept out on purpose: it uses Sobel kernels (Dalal & Triggs found the plain
-[-1, 0, 1] best) and an optional Gaussian weighting of the patch. Everything runs as two fixed
-depthwise convolutions, 9 masked average-pools and a normalization, batched on the images'
-device; the loop is over the 9 bins, never over images.
+[-1, 0, 1] best) and an optional Gaussian weighting of the patch. Everything runs batched on the
+images' device as shifted-slice differences, one scatter-add per cell and bin (9 masked
+average-pools on CUDA) and a normalization; there is no loop over images.
 """
 import math
 
@@ -73,21 +73,42 @@ def hog_cells(images: torch.Tensor, eps: float = HOG_EPS) -> torch.Tensor:
     """
     x = images if images.dtype == torch.float64 else images.float()
     B, c, H, W = x.shape
-    x = x[..., :H - H % HOG_CELL, :W - W % HOG_CELL]  # whole cells only
-    k = x.new_zeros(2, 1, 3, 3)
-    k[0, 0, 2, 1], k[0, 0, 0, 1] = 1.0, -1.0  # rows: x[i + 1, j] - x[i - 1, j]
-    k[1, 0, 1, 2], k[1, 0, 1, 0] = 1.0, -1.0  # cols: x[i, j + 1] - x[i, j - 1]
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect").reshape(B * c, 1, x.shape[2] + 2, x.shape[3] + 2)
-    g = F.conv2d(padded, k)  # (B * 3, 2, h, w): g_row, g_col
-    g_row, g_col = g[:, 0], g[:, 1]  # (B * 3, h, w) each
-    magnitude = torch.hypot(g_row, g_col)
-    # unsigned orientation in [0, 180): a bin index 0..8 per pixel (min() guards a float 180.0)
+    x = x[..., :H - H % HOG_CELL, :W - W % HOG_CELL].reshape(B * c, H - H % HOG_CELL, W - W % HOG_CELL)
+    padded = F.pad(x[:, None], (1, 1, 1, 1), mode="reflect")[:, 0]  # (B * 3, h + 2, w + 2)
+    # central differences as slices: the same two subtractions a [-1, 0, 1] convolution does, ~7x
+    # faster on CPU than a one-channel conv2d
+    g_row = padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]  # x[i + 1, j] - x[i - 1, j]
+    g_col = padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]  # x[i, j + 1] - x[i, j - 1]
+    magnitude = torch.hypot(g_row, g_col)  # (B * 3, h, w)
+    # unsigned orientation in [0, 180): a bin index 0..8 per pixel (the clamp guards a float 180.0)
     degrees = torch.rad2deg(torch.atan2(g_row, g_col)) % 180.0
-    bins = torch.div(degrees, 180.0 / HOG_BINS, rounding_mode="floor").clamp_(0, HOG_BINS - 1)
-    hist = torch.stack([F.avg_pool2d((magnitude * (bins == b)).unsqueeze(1), HOG_CELL).squeeze(1)
-                        for b in range(HOG_BINS)], dim=1)  # (B * 3, 9, h / 8, w / 8)
+    bins = (degrees / (180.0 / HOG_BINS)).long().clamp_(max=HOG_BINS - 1)  # >= 0, so trunc = floor
+    hist = cell_histograms(magnitude, bins)  # (B * 3, 9, h / 8, w / 8)
     hist = hist / torch.sqrt(hist.square().sum(1, keepdim=True) + eps * eps)
     return hist.reshape(B, c, HOG_BINS, *hist.shape[-2:])  # (B, 3, 9, gh8, gw8)
+
+
+def cell_histograms(magnitude: torch.Tensor, bins: torch.Tensor, scatter: bool | None = None) -> torch.Tensor:
+    """Mean magnitude per (cell, bin): magnitude (R, h, w) float, bins (R, h, w) int64 in 0..8,
+    h and w multiples of 8 -> (R, 9, h / 8, w / 8).
+
+    scatter (default: off CUDA) adds every pixel into its (cell, bin) slot in one pass, ~20x faster
+    than 9 masked average-pools on CPU; CUDA's scatter_add is atomic and so not bitwise repeatable,
+    hence the pools there. Both sum each cell's 64 pixels and divide by 64.
+    """
+    R, h, w = magnitude.shape
+    gh, gw = h // HOG_CELL, w // HOG_CELL
+    if scatter is None:
+        scatter = not magnitude.is_cuda
+    if not scatter:
+        return torch.stack([F.avg_pool2d((magnitude * (bins == b)).unsqueeze(1), HOG_CELL).squeeze(1)
+                            for b in range(HOG_BINS)], dim=1)
+    rows = torch.arange(h, device=bins.device) // HOG_CELL
+    cols = torch.arange(w, device=bins.device) // HOG_CELL
+    slot = (rows[:, None] * gw + cols[None, :]) * HOG_BINS + bins  # (R, h, w): cell * 9 + bin
+    hist = magnitude.new_zeros(R, gh * gw * HOG_BINS)
+    hist.scatter_add_(1, slot.reshape(R, -1), magnitude.reshape(R, -1)).div_(HOG_CELL * HOG_CELL)
+    return hist.reshape(R, gh, gw, HOG_BINS).permute(0, 3, 1, 2)  # (R, 9, gh, gw)
 
 
 def hog_patches(images: torch.Tensor, p: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from img2vec.hog import HOG_BINS, WeightFreeTeacher, hog_cells, hog_channels, patchify
+from img2vec.hog import HOG_BINS, WeightFreeTeacher, cell_histograms, hog_cells, hog_channels, patchify
 from img2vec.teacher import build_teacher
 
 # float64 end to end: the two implementations then agree to rounding. The only intrinsic
@@ -35,6 +35,38 @@ def test_hog_matches_skimage_per_channel(h, w):
         ref = torch.from_numpy(ref[:, :, 0, 0]).permute(2, 0, 1)  # (9, h / 8, w / 8)
         torch.testing.assert_close(ours[c], ref, atol=HOG_ATOL, rtol=0)
     assert ours.abs().sum() > 0
+
+
+def _magnitude_and_bins(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    magnitude = torch.rand(6, 24, 40, generator=g, dtype=torch.float64)
+    magnitude[:, :8, :8] = 0.0  # an empty cell
+    bins = torch.randint(0, HOG_BINS, (6, 24, 40), generator=g)
+    return magnitude.to(device), bins.to(device)
+
+
+def test_cell_histograms_scatter_equals_the_masked_pools_and_a_hand_count():
+    """The CPU path (one scatter-add) and the CUDA path (9 masked average-pools) give the same
+    histograms, in float64 to rounding; one cell is also counted by hand."""
+    magnitude, bins = _magnitude_and_bins("cpu")
+    fast, pools = cell_histograms(magnitude, bins, scatter=True), cell_histograms(magnitude, bins, scatter=False)
+    assert fast.shape == pools.shape == (6, HOG_BINS, 3, 5)
+    torch.testing.assert_close(fast, pools, atol=1e-12, rtol=0)
+    assert torch.equal(cell_histograms(magnitude, bins), fast)  # the default off CUDA
+    cell_mag, cell_bins = magnitude[2, 8:16, 16:24], bins[2, 8:16, 16:24]  # cell (1, 2) of row 2
+    hand = torch.stack([cell_mag[cell_bins == b].sum() / 64 for b in range(HOG_BINS)])
+    torch.testing.assert_close(fast[2, :, 1, 2], hand, atol=1e-12, rtol=0)
+    assert fast[:, :, 0, 0].abs().sum() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cell_histograms_on_cuda_use_the_pools_and_match_cpu():
+    """CPU twin: test_cell_histograms_scatter_equals_the_masked_pools_and_a_hand_count."""
+    magnitude, bins = _magnitude_and_bins("cuda")
+    on_cuda = cell_histograms(magnitude, bins)
+    torch.testing.assert_close(on_cuda, cell_histograms(magnitude, bins, scatter=False), atol=0, rtol=0)
+    torch.testing.assert_close(on_cuda.cpu(), cell_histograms(magnitude.cpu(), bins.cpu()), atol=1e-12, rtol=0)
 
 
 def test_hog_teacher_layout_and_invariances():
