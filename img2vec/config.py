@@ -94,7 +94,7 @@ class Config(_Loadable):
     data_backend: str = _key("auto", "data", "data loader: " + " | ".join(DATA_BACKENDS))
     num_workers: int = _key(2, "data", "decoding worker processes per rank")
     max_image_pixels: int = _key(64_000_000, "data", "larger images (h*w) are skipped with a reason; 0 = no cap")
-    epochs: int = _key(50, "optimization", "passes over the data (unless max_steps)")
+    epochs: int = _key(45, "optimization", "passes over the data (unless max_steps)")
     max_steps: int = _key(0, "optimization", "optimizer steps; > 0 overrides epochs")
     batch_size: int = _key(0, "optimization", "images per process per micro-step; 0 = the DeepSpeed JSON's")
     accum_iter: int = _key(0, "optimization", "micro-steps per optimizer step; 0 = the DeepSpeed JSON's")

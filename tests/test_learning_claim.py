@@ -18,9 +18,9 @@ from train_helpers import REPO, TRAIN, free_port, write_ds_config
 
 from img2vec.verdict import run_verdict
 
-STEPS = 120  # shortened from the default's 400 (50 epochs of 8 steps); the cosine runs over these 120
+STEPS = 120  # shortened from the default's 360 (45 epochs of 8 steps); the cosine runs over these 120
 # kNN top-1 points. Measured (docs/collapse.md), this schedule over seeds 0 / 1 / 2: +3.5 / +3.9 / +5.5
-# (the full 400 steps: +9.4 / +9.0 / +12.5); 2.0 sits 1.5 points (~4 of the 256 val crops) under the smallest.
+# (the full 360 steps: +9.4 / +9.0 / +12.1); 2.0 sits 1.5 points (~4 of the 256 val crops) under the smallest.
 MARGIN = 2.0
 
 
