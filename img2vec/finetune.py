@@ -53,7 +53,7 @@ from img2vec.loop import LogWindow, NonFiniteGuard, log_window
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until
 from img2vec.optim import cosine_schedule
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import Runtime, build_engine, entry_config, report_user_error, setup_runtime
+from img2vec.runtime import Runtime, build_engine, entry_config, exit_process, report_user_error, setup_runtime
 from img2vec.signals import GracefulStop
 
 log = logging.getLogger("img2vec")
@@ -453,4 +453,4 @@ def save_classifier(cfg: FinetuneConfig, rank: int, step: int, run: Finetuning, 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

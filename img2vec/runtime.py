@@ -2,8 +2,10 @@
 with the run config's batch overrides, device, precision and seeds; and the teacher and student
 built from a run config in one place."""
 import dataclasses
+import gc
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -137,3 +139,15 @@ def entry_config(config_cls, description: str, argv: list[str] | None, finish=la
         print_config(resolved)
         return None
     return args.ds_config, cfg
+
+
+def exit_process(code: int) -> None:
+    """sys.exit(code) for an entry point's `__main__`, minus ~2 s of interpreter teardown.
+
+    At exit Python garbage-collects every object left, and torch, DeepSpeed, DALI, timm and
+    matplotlib leave a large graph: 1.9 s of a 2-core machine's time (0.4 s with the graph
+    frozen). Everything the run writes is closed before main() returns; atexit handlers (the run
+    lock) and plain reference counting still run, only the cycle collector skips the frozen objects.
+    """
+    gc.freeze()
+    sys.exit(code)

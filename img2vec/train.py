@@ -31,7 +31,7 @@ from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import Runtime, entry_config, report_user_error, setup_runtime
+from img2vec.runtime import Runtime, entry_config, exit_process, report_user_error, setup_runtime
 from img2vec.signals import GracefulStop
 from img2vec.token_diversity import collapse_probe
 
@@ -299,4 +299,4 @@ def export(cfg: Config, rt: Runtime, run: Pretraining, step: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
