@@ -27,6 +27,7 @@ Writes output_dir/{config.yaml + config.<step>.yaml per launch, metrics.jsonl (t
 val top1/top5 per epoch; resumed events), ds_config.json,
 tensorboard/, checkpoints/ (DeepSpeed), classifier.safetensors + classifier.json (timm kwargs)}.
 """
+import gc
 import json
 import logging
 import math
@@ -35,6 +36,8 @@ import random
 import sys
 from dataclasses import dataclass, replace
 
+if __name__ == "__main__":  # start-up without the cycle collector (runtime.end_start_up)
+    gc.disable()
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,7 +56,8 @@ from img2vec.loop import LogWindow, NonFiniteGuard, log_window
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until
 from img2vec.optim import cosine_schedule
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import Runtime, build_engine, entry_config, exit_process, report_user_error, setup_runtime
+from img2vec.runtime import (Runtime, build_engine, end_start_up, entry_config, exit_process, report_user_error,
+                             setup_runtime)
 from img2vec.signals import GracefulStop
 
 log = logging.getLogger("img2vec")
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         lock_run_dir(cfg.output_dir)  # one run per folder, held until exit; before anything slow
         run = build_finetuning(cfg, rt, classes)
         state = resume(cfg, rt, run)
+        end_start_up()  # imports and engine done: the cycle collector back on
         step, result, exit_code = finetune(cfg, rt, run, state)
         if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
             return exit_code

@@ -9,12 +9,15 @@ against the HOG teacher (no weights needed), a few minutes on a laptop CPU; it e
 learning verdict: kNN top-1 of the encoder vs its own random init on held-out photo crops.
 Reads top to bottom: main (config, set-up, resume, pretrain, export), then the step loop.
 """
+import gc
 import json
 import logging
 import os
 import sys
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # start-up without the cycle collector (runtime.end_start_up)
+    gc.disable()
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +34,7 @@ from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
 from img2vec.run_lock import lock_run_dir
-from img2vec.runtime import Runtime, entry_config, exit_process, report_user_error, setup_runtime
+from img2vec.runtime import Runtime, end_start_up, entry_config, exit_process, report_user_error, setup_runtime
 from img2vec.signals import GracefulStop
 from img2vec.token_diversity import collapse_probe
 
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         lock_run_dir(cfg.output_dir)  # one run per folder, held until exit; before anything slow
         run = build_pretraining(cfg, rt)
         step, skipped_steps = resume(cfg, rt, run)
+        end_start_up()  # imports and engine done: the cycle collector back on
         step, exit_code = pretrain(cfg, rt, run, step, skipped_steps)
         if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
             return exit_code

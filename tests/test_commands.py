@@ -152,6 +152,24 @@ def test_exit_process_keeps_the_code_atexit_and_buffers_and_skips_collecting_cyc
         assert "collected" not in proc.stdout
 
 
+def test_end_start_up_freezes_and_turns_the_collector_back_on_only_after_an_entry_point_turned_it_off():
+    import gc
+
+    from img2vec.runtime import end_start_up
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    end_start_up()  # main() called in process (a test): nothing to do
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    gc.disable()  # what train.py's and finetune.py's __main__ do before their imports
+    try:
+        end_start_up()
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
 @pytest.mark.parametrize("module", ["img2vec.export", "img2vec.visualize", "img2vec.eval.knn",
                                     "img2vec.eval.linear_probe", "img2vec.finetune"])
 def test_every_checkpoint_reader_takes_trust_checkpoint(module, capsys, restore_process_state):
