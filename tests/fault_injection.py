@@ -15,11 +15,14 @@ production code path stays exactly as shipped. Faults are chosen by environment 
 Usage: python tests/fault_injection.py <train.py arguments>    (TRAIN_PY: another train.py to run)
 """
 import errno
+import gc
 import os
 import runpy
 import sys
 import time
 from pathlib import Path
+
+gc.disable()  # start-up as train.py's own __main__ does it; its runtime.end_start_up() turns it back on
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = Path(os.environ.get("TRAIN_PY", REPO / "img2vec" / "train.py"))
