@@ -52,7 +52,7 @@ from img2vec.checkpoint import (ARCHITECTURE_KEYS, consolidated_fp32_state_dict,
                                 resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, FinetuneConfig
 from img2vec.distributed import agree_any
-from img2vec.loop import LogWindow, NonFiniteGuard, log_window
+from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step, log_window
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until
 from img2vec.optim import cosine_schedule
 from img2vec.run_lock import lock_run_dir
@@ -377,12 +377,7 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> 
                 group["lr"] = lr * group["lr_scale"]
             logits = run.engine(images.to(rt.dtype)).float()  # (B, classes)
             loss = run.criterion(logits, target)
-            run.engine.backward(loss)
-            finite = run.guard.check(loss)
-            if (micro_step + 1) % rt.accum_steps == 0:  # the optimizer steps in engine.step() below
-                run.guard.arm()
-            run.engine.step()
-            window.add(loss, finite)
+            backward_and_step(run.engine, run.guard, window, loss, (micro_step + 1) % rt.accum_steps == 0)
             micro_step += 1
             if micro_step % rt.accum_steps:
                 continue

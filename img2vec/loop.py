@@ -1,4 +1,5 @@
-"""The step-loop helpers pretraining and fine-tuning share: the non-finite guard and the log window.
+"""The step-loop helpers pretraining and fine-tuning share: the non-finite guard, the guarded
+backward + step of one micro-step, and the log window.
 
 Both keep their counters on the device and read them only at log intervals: the loop never
 waits for the GPU between steps (nanoGPT's rule; MAE's per-step `loss.item()` is what we avoid).
@@ -59,6 +60,22 @@ class NonFiniteGuard:
 
     def exhausted(self, in_a_row: int) -> bool:
         return in_a_row >= self.max_in_a_row
+
+
+def backward_and_step(engine, guard: NonFiniteGuard, window: "LogWindow", loss: torch.Tensor,
+                      boundary: bool) -> None:
+    """One micro-step after the forward: DeepSpeed's backward and step, the guard and the log window.
+
+    `boundary`: this micro-step ends an accumulation window, so engine.step() updates the weights;
+    the guard first makes that update a no-op on every rank if any micro-step of the window had a
+    non-finite loss. Device ops only, no host sync.
+    """
+    engine.backward(loss)
+    finite = guard.check(loss)
+    if boundary:
+        guard.arm()
+    engine.step()  # updates only at the accumulation boundary
+    window.add(loss, finite)
 
 
 class LogWindow:

@@ -29,7 +29,7 @@ from img2vec.checkpoint import (export_encoder, frozen_parameters, load_fp32_sta
 from img2vec.collapse import CollapseAlarm
 from img2vec.config import Config
 from img2vec.distributed import agree_any
-from img2vec.loop import LogWindow, NonFiniteGuard
+from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
@@ -199,12 +199,7 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
             if cfg.diversity_every and micro_step % (cfg.diversity_every * rt.accum_steps) == 0:
                 diversity = collapse_probe(pred, target, mask.ids_masked)  # step 0: the teacher's, at start
                 probe_step = step
-            run.engine.backward(loss)
-            finite = run.guard.check(loss)
-            if (micro_step + 1) % rt.accum_steps == 0:  # the optimizer steps in engine.step() below
-                run.guard.arm()
-            run.engine.step()  # updates only at the accumulation boundary
-            window.add(loss, finite)
+            backward_and_step(run.engine, run.guard, window, loss, (micro_step + 1) % rt.accum_steps == 0)
             micro_step += 1
             if micro_step % rt.accum_steps:
                 continue
