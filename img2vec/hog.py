@@ -82,7 +82,9 @@ def hog_cells(images: torch.Tensor, eps: float = HOG_EPS) -> torch.Tensor:
     magnitude = torch.hypot(g_row, g_col)  # (B * 3, h, w)
     # unsigned orientation in [0, 180): a bin index 0..8 per pixel (the clamp guards a float 180.0)
     degrees = torch.rad2deg(torch.atan2(g_row, g_col)) % 180.0
-    bins = (degrees / (180.0 / HOG_BINS)).long().clamp_(max=HOG_BINS - 1)  # >= 0, so trunc = floor
+    # >= 0, so truncation is the floor; the lower clamp keeps a NaN pixel (its long() is the most
+    # negative int64) a valid index: its NaN magnitude then makes that target NaN, as with the pools
+    bins = (degrees / (180.0 / HOG_BINS)).long().clamp_(0, HOG_BINS - 1)
     hist = cell_histograms(magnitude, bins)  # (B * 3, 9, h / 8, w / 8)
     hist = hist / torch.sqrt(hist.square().sum(1, keepdim=True) + eps * eps)
     return hist.reshape(B, c, HOG_BINS, *hist.shape[-2:])  # (B, 3, 9, gh8, gw8)

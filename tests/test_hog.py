@@ -59,6 +59,20 @@ def test_cell_histograms_scatter_equals_the_masked_pools_and_a_hand_count():
     assert fast[:, :, 0, 0].abs().sum() == 0
 
 
+def test_a_nan_pixel_gives_nan_in_its_cell_only_and_no_index_error():
+    """A NaN pixel has no orientation: its cell's histogram (that channel) is NaN, which the loss's
+    guard then skips as a bad target, and every other cell is unchanged. The pixel (12, 20) and the
+    neighbours whose central differences read it all lie in cell (1, 2)."""
+    images = torch.from_numpy(_photo(32, 32)).permute(2, 0, 1)[None].float()
+    clean = hog_cells(images)  # (1, 3, 9, 4, 4)
+    images[0, 1, 12, 20] = float("nan")
+    dirty = hog_cells(images)
+    expected = torch.zeros_like(dirty, dtype=torch.bool)
+    expected[0, 1, :, 1, 2] = True
+    assert torch.equal(torch.isnan(dirty), expected)
+    assert torch.equal(dirty[~expected], clean[~expected])
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cell_histograms_on_cuda_use_the_pools_and_match_cpu():
