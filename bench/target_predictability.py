@@ -27,7 +27,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from img2vec.diversity import list_images, load_center_crop
+from img2vec.diversity import _default_stage, list_images, load_center_crop
 from img2vec.masking import random_masking
 from img2vec.teacher import build_teacher
 from img2vec.token_diversity import collapse_probe
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
           f"first {len(paths) // 2}, scored on the rest")
     print(f"{'teacher':10s} {'mask':>5s} {'lambda':>7s} {'R^2':>7s} {'div_pred':>9s} {'div_target':>10s} {'ratio':>6s}")
     for name in args.teacher or ["hog", "pixels"]:
-        stage = 0 if name in ("hog", "pixels") else 3
+        stage = _default_stage(name, args.patch_size)  # as `python -m img2vec.diversity` picks it
         teacher = build_teacher(name, stage, "random", args.patch_size, args.image_size, seed=args.seed)
         with torch.no_grad():
             targets = torch.cat([teacher(images[i:i + 64]) for i in range(0, len(images), 64)])  # (B, N, C)
