@@ -6,9 +6,10 @@
 #   machine has no package index); then on the GPU machine:  bash bench/device_check.sh
 #   dry run on a CPU machine:  bash bench/device_check.sh --dry-run      (CPU shapes, same steps)
 #
-# Time: every step runs under its own `timeout`; the budgets below add up to 400 s, and each
-# step is also cut to what is left of TOTAL_S (420 s, summary and archive included), so the
-# whole check ends inside 420 s on one H100 and a rerun still fits in 15 minutes of device time.
+# Time: every step runs under its own `timeout`; the budgets below add up to 430 s, and each
+# step is also cut to what is left of TOTAL_S (450 s, summary and archive included), so the
+# whole check ends inside 450 s on one H100, and the steps that failed can be rerun in the
+# same 15 minutes of device time:  DEVICE_CHECK_ONLY="bench_loss max_micro_batch" bash bench/device_check.sh
 #
 # Results as it goes: steps write into $WORK (outside $OUT); after every step the summary
 # (bench/summarize.py) and a .tar.gz of $WORK are refreshed in $OUT, so a step killed by its
@@ -21,18 +22,20 @@ cd "$(dirname "$0")/.."
 DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT="${OUT:-/tmp/device_check_out}"
 WORK="${DEVICE_CHECK_WORK:-/tmp/device_check_work}"
-TOTAL_S=420
+TOTAL_S=450
+ONLY="${DEVICE_CHECK_ONLY:-}"   # space-separated step names; empty: all (wheels and versions always run)
 RESERVE_S=10   # the last summary and archive
 rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
 
-# name -> seconds; 400 in all (checked below)
+# name -> seconds; 430 in all (checked below)
 declare -A BUDGET=(
   [wheels]=15 [versions]=10 [cuda_tests]=40 [bench_loss]=80
   [train_vit_base]=80 [train_vit_large]=30 [train_vit_huge]=30
   [bench_attention]=25 [bench_data_gpu]=17 [bench_data_cpu]=18 [max_micro_batch]=55
+  [profile_vit_base]=30
 )
 SUM=0; for k in "${!BUDGET[@]}"; do SUM=$(( SUM + BUDGET[$k] )); done
 if [ $(( SUM + RESERVE_S )) -gt $TOTAL_S ]; then
@@ -47,6 +50,7 @@ publish() {  # summary JSON + archive of $WORK into $OUT, each replaced atomical
 
 step() {  # step NAME COMMAND...: run under min(budget, time left), log to $WORK/NAME.log, record
   local name=$1; shift
+  if [ -n "$ONLY" ] && [ "$name" != versions ] && [ "$name" != wheels ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   local left=$(( TOTAL_S - RESERVE_S - ($(date +%s) - T0) ))
   local t=${BUDGET[$name]}; [ "$left" -lt "$t" ] && t=$left
   local t1=$(date +%s) rc st
@@ -144,7 +148,10 @@ else
     --json "$WORK/max_micro_batch.json"
 fi
 
-# 6. summary --------------------------------------------------------------------------------
+# 6. where a ViT-B step's time goes (eager: kernel names that say which layer) -----------------
+step profile_vit_base python3 bench/profile_step.py --json "$WORK/profile.json"
+
+# 7. summary --------------------------------------------------------------------------------
 trap - EXIT
 publish
 cat "$WORK/summary.log"

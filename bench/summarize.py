@@ -58,7 +58,7 @@ def _benchmarks(work, errors):
     """{pytest-benchmark name: extra_info scalars + median_s}, from every pytest-benchmark JSON."""
     rows = {}
     for path in sorted(glob.glob(os.path.join(work, "*.json"))):
-        if os.path.basename(path) in ("versions.json", "max_micro_batch.json") or os.path.getsize(path) == 0:
+        if os.path.basename(path) in ("versions.json", "max_micro_batch.json", "profile.json") or os.path.getsize(path) == 0:
             continue  # not a benchmark, or a step killed before pytest-benchmark wrote it
         data = _load_json(path, errors)
         if not isinstance(data, dict):
@@ -147,6 +147,8 @@ def summarize(work):
             info[key] = None
     mmb = _load_json(os.path.join(work, "max_micro_batch.json"), errors)
     info["max_micro_batch"] = {k: v for k, v in mmb.items() if k != "probes"} if isinstance(mmb, dict) else None
+    profile = _load_json(os.path.join(work, "profile.json"), errors)
+    info["profile"] = profile if isinstance(profile, dict) else None
     try:
         info["cuda_tests"] = cuda_tests(work, errors)
     except Exception as e:  # noqa: BLE001
@@ -173,6 +175,10 @@ def print_table(info):
     if mmb:
         print(f"  max micro-batch {mmb.get('model')}: {mmb.get('max_micro_batch_found')} "
               f"(estimator {mmb.get('estimated_max_micro_batch')}), peak {mmb.get('peak_bytes_at_max')} B")
+    prof = info.get("profile") or {}
+    if prof.get("phases_ms"):
+        print(f"  profile {prof.get('model')} (eager): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in prof["phases_ms"].items()) + " ms")
     if info.get("cuda_tests"):
         print(f"  cuda tests: {info['cuda_tests'].get('pytest_summary')}")
     for e in info.get("errors") or []:
