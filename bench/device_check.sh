@@ -111,7 +111,7 @@ fi
 
 # 3. CUDA-marked tests (-v: one line per test as it finishes, kept if the step is killed) -------
 step cuda_tests python3 -m pytest -m cuda -v -rs -p no:cacheprovider \
-  tests/test_masked_feature_loss.py tests/test_attention.py
+  tests/test_masked_feature_loss.py tests/test_attention.py tests/test_memory.py
 
 # 4. benchmarks: the fused loss writes one JSON line per finished case ------------------------
 bench() {  # bench NAME FILE [pytest args]: pytest-benchmark JSON at the end of each call

@@ -347,3 +347,13 @@ def test_verify_runs_as_a_module(broken_dir: Path) -> None:
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.count("SKIP ") == len(BAD)
+
+
+def test_dali_import_error_says_why_when_dali_is_missing(monkeypatch):
+    """What the benchmarks' skip and the loader's error print on a machine without DALI."""
+    from dataloading.dali import dali_import_error
+
+    assert dali_import_error() is None  # installed here
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import of it now fails as if uninstalled
+    why = dali_import_error()
+    assert why.startswith(("ImportError", "ModuleNotFoundError")) and "nvidia.dali" in why and "\n" not in why

@@ -105,6 +105,35 @@ def test_block_formula_is_what_autograd_saves(attn, B, T, D, H):
     assert sum(saved.values()) == memory.block_activation_bytes(B, T, D, H, 4, attn)
 
 
+def _saved_bytes(params, floating_only=False):
+    """saved_tensors_hooks that record every distinct non-parameter storage autograd keeps."""
+    saved = {}
+
+    def pack(t):
+        if (t.dtype.is_floating_point or not floating_only) and t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), tuple(t.shape), str(t.dtype))
+        return t
+
+    return saved, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attn", ["sdpa", "math"])
+@pytest.mark.parametrize("B, T, D, H", [(4, 257, 512, 16), (4, 65, 1280, 16), (2, 197, 768, 12)])
+def test_block_formula_is_what_autograd_saves_cuda_bf16(attn, B, T, D, H):
+    """The CPU test's twin in the precision DeepSpeed trains in: bf16 weights and activations on
+    CUDA, where sdpa dispatches to cuDNN / flash kernels that keep their own tensors."""
+    torch.manual_seed(0)
+    block = Block(D, H, attn_impl=attn).cuda().to(torch.bfloat16)
+    saved, hooks = _saved_bytes({p.untyped_storage().data_ptr() for p in block.parameters()})
+    with hooks:
+        block(torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True))
+    got = sum(n for n, _, _ in saved.values())
+    want = memory.block_activation_bytes(B, T, D, H, 2, attn)
+    assert got == want, f"saved {got} vs formula {want} ({got / want:.4f}): {sorted(saved.values())}"
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "math"])
 def test_student_kept_activations_are_what_autograd_saves(attn):
     """Blocks + everything outside them, fp32, for a whole student step (teacher targets apart)."""
@@ -130,6 +159,29 @@ def test_student_kept_activations_are_what_autograd_saves(attn):
     a = memory.activation_bytes(s, B, 0, attn, elem=4)
     targets = 4 * B * s.num_patches * s.channels  # counted by the estimate, not saved by autograd
     assert sum(saved.values()) == a["encoder_blocks"] + a["decoder_blocks"] + a["outside_blocks"] - targets + a["inputs"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_student_kept_activations_are_what_autograd_saves_cuda_bf16():
+    """The CPU test's twin at the preset's shapes (ViT-B/16, 224 px, decoder 8x512x16) in bf16 on CUDA."""
+    img, B = 224, 2
+    s = memory.model_shapes("vit_base", img, 16, 0.75, 8, 512, 16, "resnet50", 3)
+    torch.manual_seed(0)
+    teacher = Teacher("resnet50", 3, "random", 16, img).cuda()
+    student = build_student("vit_base", img, 16, teacher.channels, 8, 512, 16).cuda().to(torch.bfloat16)
+    images = torch.randn(B, 3, img, img, device="cuda")
+    mask = random_masking(B, s.num_patches, 0.75, torch.Generator().manual_seed(0), device="cuda")
+    target = teacher(images)
+    saved, hooks = _saved_bytes({q.untyped_storage().data_ptr() for q in student.parameters()}, floating_only=True)
+    with hooks:
+        pred = student(images.to(torch.bfloat16), mask.ids_keep, mask.ids_restore, mask.ids_masked)
+        masked_feature_loss_ref(pred, target, mask.ids_masked)
+    a = memory.activation_bytes(s, B, 0, "sdpa", elem=2)
+    targets = 4 * B * s.num_patches * s.channels  # counted by the estimate, not saved by autograd
+    want = a["encoder_blocks"] + a["decoder_blocks"] + a["outside_blocks"] - targets + 2 * B * 3 * img**2
+    got = sum(n for n, _, _ in saved.values())
+    assert got == want, f"saved {got} vs estimate {want} ({got / want:.4f}): {sorted(saved.values())[-12:]}"
 
 
 _MEASURE = textwrap.dedent("""
