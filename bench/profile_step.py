@@ -70,7 +70,8 @@ def step(student, teacher_fn, loss_fn, optimizer, images, mask, marks):
     marks.mark("start")
     target = teacher_fn(images)  # (B, N, C)
     marks.mark("teacher fwd")
-    with tb._autocast():
+    with tb._autocast(student):
+        images = images.to(next(student.parameters()).dtype)
         latent = student.encoder(images, mask.ids_keep)  # (B, 1 + V, D)
         marks.mark("encoder fwd")
         latent.register_hook(lambda grad: marks.mark("loss + decoder bwd"))
@@ -91,12 +92,14 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="vit_base" if tb.CUDA else "vit_tiny", choices=list(tb.MODELS))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--config", default="optimized", choices=["optimized", "optimized_bf16_weights"],
+                        help="bench/test_bench_train_step.py's configuration")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
 
     tb.COMPILE = set()  # eager: kernel names that say where they come from
     s = tb._setup(args.model)
-    student, teacher_fn, loss_fn, optimizer, desc = tb._configure(args.model, "optimized")
+    student, teacher_fn, loss_fn, optimizer, desc = tb._configure(args.model, args.config)
     B, N = tb.MODELS[args.model], s["N"]
     g = torch.Generator().manual_seed(1)
     masks = [random_masking(B, N, tb.MASK_RATIO, generator=g, device=tb.DEVICE)
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
         classes[kernel_class(name)] = classes.get(kernel_class(name), 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
 
-    print(f"{args.model}, micro-batch {B}, {desc['attn']} attention, {desc['loss']} loss, {desc['optimizer']}, "
+    print(f"{args.model} {args.config}, micro-batch {B}, {desc['attn']} attention, {desc['loss']} loss, {desc['optimizer']}, "
           f"{desc['precision']}, eager; {tb.DEVICE}")
     print(f"\nphases (device time, mean of {args.steps} steps): {step_ms:.1f} ms/step, {B / step_ms * 1e3:.0f} img/s")
     for name, ms in phases.items():
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "micro_batch": B, "config": desc, "device": str(tb.DEVICE),
+            json.dump({"model": args.model, "config_name": args.config, "micro_batch": B, "config": desc, "device": str(tb.DEVICE),
                        "step_ms_phases": step_ms, "phases_ms": phases, "profiled_wall_ms_per_step": wall_ms,
                        "kernel_ms_per_step": busy_ms, "kernel_classes_ms": classes,
                        "top_kernels_ms": [{"name": n, "ms": ms, "class": kernel_class(n)} for n, ms in top]},
