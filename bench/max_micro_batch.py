@@ -7,8 +7,8 @@ The search starts from img2vec.memory's estimate of the largest micro-batch for 
 memory, then steps up (x1.25) while probes fit and down (x0.8) while they do not, and bisects
 the bracket while the time budget lasts. Each probe is a fresh process (an out-of-memory error
 leaves DeepSpeed's ZeRO-3 hooks in no state to go on): it builds the engine as train.py does
-(configs/ds_zero3.json with the probed micro-batch, a torch AdamW, teacher outside the engine),
-runs 3 steps on a synthetic batch, and reports torch.cuda.max_memory_allocated over them
+(configs/ds_zero3.json with the probed micro-batch, a torch AdamW, teacher outside the engine,
+the loss train.py picks: loss_impl=auto, the Triton kernel on CUDA), runs 3 steps on a synthetic batch, and reports torch.cuda.max_memory_allocated over them
 (on CPU: the VmHWM rise of the process, a coarser figure) and images/s of the last 2 steps,
 next to the estimator's total for the same micro-batch.
 """
@@ -30,15 +30,16 @@ def probe(args) -> dict:
 
     from img2vec.distributed import init_distributed
     from img2vec.ds_config import load_ds_config
+    from img2vec.fastpaths import resolve_loss
     from img2vec.optim import build_optimizer
     from img2vec.masking import random_masking
     from img2vec.teacher import Teacher
     from img2vec.vit import VIT_SIZES, build_student
-    from kernels.reference import masked_feature_loss_ref
 
     cuda = torch.cuda.is_available()
     _, world, _ = init_distributed()
     device = torch.device("cuda" if cuda else "cpu")
+    loss_name, loss_fn = resolve_loss("auto", device, "smooth_l1")
     B, p, depth = args.probe, VIT_SIZES[args.model].patch_size, VIT_SIZES[args.model].depth
     ds_config = load_ds_config(os.path.join(ROOT, "configs/ds_zero3.json"), world)
     ds_config["train_micro_batch_size_per_gpu"] = B
@@ -70,7 +71,7 @@ def probe(args) -> dict:
             target = teacher(images)  # (B, N, C) fp32
             mask = random_masking(B, n, 0.75, device=device)
             pred = engine(images.to(dtype), mask.ids_keep, mask.ids_restore, mask.ids_masked)  # (B, M, C)
-            loss = masked_feature_loss_ref(pred, target, mask.ids_masked)
+            loss = loss_fn(pred, target, mask.ids_masked, 2.0, 1e-6)
             engine.backward(loss)
             engine.step()
             if cuda:
@@ -78,7 +79,7 @@ def probe(args) -> dict:
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError as e:
         return {"micro_batch": B, "ok": False, "error": str(e).splitlines()[0][:200]}
-    out = {"micro_batch": B, "ok": True, "loss": float(loss), "images_per_s": 2 * B / sum(times[1:])}
+    out = {"micro_batch": B, "ok": True, "loss": float(loss), "loss_impl": loss_name, "images_per_s": 2 * B / sum(times[1:])}
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_over_start_bytes"] = out["peak_bytes"] - base
@@ -115,9 +116,10 @@ def search(args) -> dict:
     cuda = torch.cuda.is_available()
     device_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else memory.H100_BYTES
     kw = dict(zero=3, gpus=1, grad_ckpt=s.depth)
-    guess = args.start or max(1, memory.max_micro_batch(s, device_bytes, **kw))
+    estimated = memory.max_micro_batch(s, device_bytes, **kw)
+    guess = args.start or max(1, estimated)
     print(f"{args.model}: estimator's largest micro-batch for {device_bytes / 2**30:.1f} GiB "
-          f"(ZeRO-3, 1 GPU, grad ckpt {s.depth}/{s.depth}): {guess}", flush=True)
+          f"(ZeRO-3, 1 GPU, grad ckpt {s.depth}/{s.depth}): {estimated}; first probe {guess}", flush=True)
     t_end = time.perf_counter() + args.budget_s
     probes, fit, fail = [], 0, None
     b = guess
@@ -144,7 +146,7 @@ def search(args) -> dict:
             break
     best = next((p for p in probes if p["ok"] and p["micro_batch"] == fit), None)
     return {"model": args.model, "image_size": args.image_size, "decoder": args.decoder,
-            "estimated_max_micro_batch": guess, "max_micro_batch_found": fit, "first_failing": fail,
+            "estimated_max_micro_batch": estimated, "first_probe": guess, "max_micro_batch_found": fit, "first_failing": fail,
             "peak_bytes_at_max": best and best["peak_bytes"], "device_bytes": device_bytes,
             "estimated_bytes_at_max": best and best["estimated_bytes"],
             "images_per_s_at_max": best and best["images_per_s"], "probes": probes}

@@ -131,6 +131,8 @@ def test_block_formula_is_what_autograd_saves_cuda_bf16(attn, B, T, D, H):
         block(torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True))
     got = sum(n for n, _, _ in saved.values())
     want = memory.block_activation_bytes(B, T, D, H, 2, attn)
+    if attn == "sdpa":  # the cuDNN / flash kernels also keep their RNG seed and offset: two int64 scalars
+        want += 2 * 8
     assert got == want, f"saved {got} vs formula {want} ({got / want:.4f}): {sorted(saved.values())}"
 
 
