@@ -6,9 +6,9 @@
 #   machine has no package index); then on the GPU machine:  bash bench/device_check.sh
 #   dry run on a CPU machine:  bash bench/device_check.sh --dry-run      (CPU shapes, same steps)
 #
-# Time: every step runs under its own `timeout`; the budgets below add up to 460 s, and each
-# step is also cut to what is left of TOTAL_S (480 s, summary and archive included), so the
-# whole check ends inside 480 s on one H100, and the steps that failed can be rerun in the
+# Time: every step runs under its own `timeout`; the budgets below add up to 475 s, and each
+# step is also cut to what is left of TOTAL_S (495 s, summary and archive included), so the
+# whole check ends inside 495 s on one H100, and the steps that failed can be rerun in the
 # same 15 minutes of device time:  DEVICE_CHECK_ONLY="bench_loss max_micro_batch" bash bench/device_check.sh
 #
 # Results as it goes: steps write into $WORK (outside $OUT); after every step the summary
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT="${OUT:-/tmp/device_check_out}"
 WORK="${DEVICE_CHECK_WORK:-/tmp/device_check_work}"
-TOTAL_S=480
+TOTAL_S=495
 ONLY="${DEVICE_CHECK_ONLY:-}"   # space-separated step names; empty: all (wheels and versions always run)
 RESERVE_S=10   # the last summary and archive
 rm -rf "$WORK"; mkdir -p "$WORK" "$OUT"
@@ -30,12 +30,12 @@ export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[device_check +$(( $(date +%s) - T0 ))s] $*"; }
 
-# name -> seconds; 460 in all (checked below)
+# name -> seconds; 475 in all (checked below)
 declare -A BUDGET=(
   [wheels]=15 [versions]=10 [cuda_tests]=40 [bench_loss]=80
   [train_vit_base]=110 [train_vit_large]=30 [train_vit_huge]=30
   [bench_attention]=25 [bench_data_gpu]=17 [bench_data_cpu]=18 [max_micro_batch]=55
-  [profile_vit_base]=30
+  [profile_vit_base]=30 [bench_teacher]=15
 )
 SUM=0; for k in "${!BUDGET[@]}"; do SUM=$(( SUM + BUDGET[$k] )); done
 if [ $(( SUM + RESERVE_S )) -gt $TOTAL_S ]; then
@@ -136,6 +136,7 @@ else
   bench train_vit_huge bench/test_bench_train_step.py -k vit_huge
 fi
 bench bench_attention bench/test_bench_attention.py
+bench bench_teacher bench/test_bench_teacher.py   # batch norms folded vs run
 # data path: GPU decode and the CPU loaders in two calls (each JSON is written at its end)
 bench bench_data_gpu bench/test_bench_data.py -k "gpu"
 bench bench_data_cpu bench/test_bench_data.py -k "cpu_backends or prescan"

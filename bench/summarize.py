@@ -137,6 +137,7 @@ def summarize(work):
         ("train_step", train_step),
         ("attention", lambda b: by_prefix(b, "test_bench_attention")),
         ("data", lambda b: {n: e for n, e in b.items() if n.startswith(("test_gpu", "test_cpu", "test_prescan"))}),
+        ("teacher", lambda b: by_prefix(b, "test_bench_resnet50_teacher")),
     )
     benches = _benchmarks(work, errors)
     for key, fn in sections:
@@ -171,6 +172,8 @@ def print_table(info):
               f"x{r.get('speedup_vs_reference')} vs reference  peak {r.get('peak_memory_GiB')} GiB")
     for name, r in (info.get("attention") or {}).items():
         print(f"  attention {name:28s} {r.get('TFLOP/s')} TFLOP/s")
+    for name, r in (info.get("teacher") or {}).items():
+        print(f"  teacher resnet50 {name:12s} {r.get('images_per_s')} img/s  x{r.get('speedup_vs_batch_norms')}")
     mmb = info.get("max_micro_batch") or {}
     if mmb:
         print(f"  max micro-batch {mmb.get('model')}: {mmb.get('max_micro_batch_found')} "

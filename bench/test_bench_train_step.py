@@ -6,17 +6,19 @@ One step = teacher forward (frozen, no grad) -> random masking -> student forwar
 feature loss -> backward -> AdamW step, on a fixed synthetic batch already on the device (no
 data loader: this measures the trainer, bench/test_bench_data.py the data path).
 
-    reference  eager, attn_impl=math, loss_impl=reference, torch AdamW for-loop (foreach=False)
+    reference  eager, attn_impl=math, loss_impl=reference, torch AdamW for-loop (foreach=False),
+               the teacher's batch norms run (teacher_fold_bn=false)
+    optimized  the teacher's batch norms folded into its convolutions, attn_impl=auto (sdpa),
+               loss_impl=auto (the Triton kernel on CUDA; on CPU the reference: Triton there is
+               only its numpy interpreter), fused_optim=auto (img2vec.optim.build_optimizer:
+               apex FusedAdam, else torch fused AdamW on CUDA, foreach on CPU), torch.compile of
+               student and teacher on CUDA for the models in IMG2VEC_BENCH_COMPILE (default
+               vit_base; compiling L and H too does not fit the 8-minute device check). Not
+               compiled on CPU: a cold compile of the student's forward+backward takes ~60 s on
+               the 2-core machine (tests/test_attention.py).
     optimized_bf16_weights (ViT-B and the CPU's model only)  optimized, with the student's
                weights in bf16 and no autocast: what DeepSpeed's bf16 mode computes (train.py);
                autocast instead re-casts weights and runs layer norms in fp32 every step
-    optimized  attn_impl=auto (sdpa), loss_impl=auto (the Triton kernel on CUDA; on CPU the
-               reference: Triton there is only its numpy interpreter), fused_optim=auto
-               (img2vec.optim.build_optimizer: apex FusedAdam, else torch fused AdamW on CUDA,
-               foreach on CPU), torch.compile of student and teacher on CUDA for the models in
-               IMG2VEC_BENCH_COMPILE (default vit_base; compiling L and H too does not fit the
-               8-minute device check). Not compiled on CPU: a cold compile of the student's
-               forward+backward takes ~60 s on the 2-core machine (tests/test_attention.py).
 
 A plain torch AdamW step, not the DeepSpeed engine: on CUDA the student runs under
 torch.autocast(bf16) with fp32 weights, or with bf16 weights (optimized_bf16_weights; DeepSpeed
@@ -105,7 +107,7 @@ def _setup(model):
     if model in _shared:
         return _shared[model]
     B, p = MODELS[model], _patch_size(model)
-    teacher = Teacher(*TEACHER, "random", p, IMAGE_SIZE, seed=0).to(DEVICE)
+    teacher = Teacher(*TEACHER, "random", p, IMAGE_SIZE, seed=0).to(DEVICE)  # batch norms folded
     g = torch.Generator().manual_seed(0)
     images = torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(DEVICE)  # (B, 3, H, W)
     n = (IMAGE_SIZE // p) ** 2
@@ -149,6 +151,11 @@ def _configure(model, config):
         optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), "auto")
         optim_name = type(optimizer).__name__ + (" fused" if optimizer.defaults.get("fused") else "")
     teacher_fn = s["teacher"]
+    if config == "reference":  # the teacher as timm builds it: its batch norms run
+        if "teacher_unfolded" not in s:
+            s["teacher_unfolded"] = Teacher(*TEACHER, "random", _patch_size(model), IMAGE_SIZE, seed=0,
+                                            fold_bn=False).to(DEVICE)
+        teacher_fn = s["teacher_unfolded"]
     if compiled:
         student, teacher_fn = torch.compile(student), torch.compile(s["teacher"])
     why = ("" if loss_name == "triton" or config == "reference"

@@ -87,6 +87,8 @@ class Config(_Loadable):
     teacher_stage: int = _key(3, "teacher", "timm features_only stage (resnet50 3: stride 16, C=1024)",
                               arch=True)
     teacher_weights: str = _key("", "teacher", "a local .safetensors/.pth file, or 'random' (said explicitly)")
+    teacher_fold_bn: bool = _key(True, "teacher", "fold the frozen teacher's batch norms into its convolutions "
+                                 "(exact up to rounding); false runs them as they are")
     loss_beta: float = _key(2.0, "teacher", "smooth-L1 beta on layer-normed teacher features")
     loss_eps: float = _key(1e-6, "teacher", "epsilon of the teacher features' layer norm")
     loss: str = _key("smooth_l1", "teacher", "smooth_l1 (Img2Vec, beta loss_beta) | mse (MAE with teacher pixels)")

@@ -85,7 +85,7 @@ def build_teacher(cfg: Config):
     from img2vec.teacher import build_teacher as teacher_by_name
 
     return teacher_by_name(cfg.teacher, cfg.teacher_stage, cfg.teacher_weights, cfg.resolved_patch_size,
-                           cfg.image_size, seed=cfg.seed)
+                           cfg.image_size, seed=cfg.seed, fold_bn=cfg.teacher_fold_bn)
 
 
 def build_student_from_config(cfg: Config, out_channels: int, attn_impl: str = "sdpa"):

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import timm
 from timm.models._features import FeatureGetterNet
 
+from img2vec.fold_bn import fold_batch_norms
 from img2vec.stage import StageInfo
 
 logger = logging.getLogger("img2vec.teacher")
@@ -109,7 +110,7 @@ def validate_teacher_stage(name: str, stage: "int | str") -> None:
 
 
 def build_teacher(name: str, stage: "int | str", weights: str, patch_size: int, image_size: int,
-                  seed: int = 0) -> nn.Module:
+                  seed: int = 0, fold_bn: bool = True) -> nn.Module:
     """The teacher for a run config: `pixels` / `hog` (img2vec.hog, no weights) or a timm model.
 
     All return a frozen module images (B, 3, H, W) -> (B, N, C) fp32 with `.channels`, `.stride`,
@@ -123,7 +124,7 @@ def build_teacher(name: str, stage: "int | str", weights: str, patch_size: int, 
             logger.warning("teacher_weights does not apply to teacher %s (it has no weights): ignoring %s",
                            name, weights)
         return WeightFreeTeacher(name, patch_size, image_size)
-    return Teacher(name, stage, weights or "random", patch_size, image_size, seed=seed)
+    return Teacher(name, stage, weights or "random", patch_size, image_size, seed=seed, fold_bn=fold_bn)
 
 
 def _describe_top_level(obj) -> str:
@@ -224,6 +225,9 @@ def load_teacher_weights(model_or_backbone: nn.Module, path: str) -> None:
     keys of the used modules, or shape mismatches, raise ValueError; a file where no key
     matches raises CheckpointLayoutError listing the top-level keys found.
     """
+    if getattr(model_or_backbone, "folded_bn", 0):
+        raise ValueError("this teacher's batch norms are folded into its convolutions: give the weights "
+                         "when building it (Teacher(name, stage, path, ...)), or build it with fold_bn=False")
     model = getattr(model_or_backbone, "backbone", model_or_backbone)
     if isinstance(model, FeatureGetterNet):  # ViT: the getter wraps the model as .model
         model = model.model
@@ -254,12 +258,13 @@ class Teacher(nn.Module):
     name: a timm model name; stage: feature index or module name (see the module docstring;
     for a ViT, the block index k). weights: "random" (seeded init, for tests and smoke runs
     only) or a local file path. Always eval, no grad; on CUDA runs channels_last under bf16
-    autocast, on CPU in fp32. Output on the student grid (H // p, W // p): average-pooled down
+    autocast, on CPU in fp32. fold_bn: its batch norms are folded into the convolutions before
+    them (one kernel instead of two; exact up to rounding). Output on the student grid (H // p, W // p): average-pooled down
     from a finer map, bilinearly interpolated up from a coarser one.
     """
 
     def __init__(self, name: str, stage: "int | str", weights: str, patch_size: int,
-                 image_size: int, seed: int = 0):
+                 image_size: int, seed: int = 0, fold_bn: bool = True):
         super().__init__()
         self.info = resolve_teacher_stage(name, stage)
         self.name, self.patch_size, self.image_size = name, patch_size, image_size
@@ -280,6 +285,9 @@ class Teacher(nn.Module):
         self._set_input_normalization()
         self._channels_last = False
         self.eval()
+        self.folded_bn = 0  # batch norms folded into their convolutions (img2vec/fold_bn.py)
+        if fold_bn:
+            self.backbone, self.folded_bn = fold_batch_norms(self.backbone)
 
     def _set_input_normalization(self) -> None:
         """Images arrive normalized with ImageNet's mean/std; a teacher trained with others (CLIP,

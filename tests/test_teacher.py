@@ -11,8 +11,15 @@ import torchvision
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from img2vec.teacher import (CheckpointLayoutError, Teacher, load_teacher_weights,
-                             resolve_teacher_stage, validate_teacher_stage)
+from img2vec import teacher as teacher_module
+from img2vec.teacher import (CheckpointLayoutError, load_teacher_weights, resolve_teacher_stage,
+                             validate_teacher_stage)
+
+
+def Teacher(*args, **kwargs):  # noqa: N802
+    """Stages, layouts and loading are checked on timm's own structure, batch norms unfolded:
+    bitwise comparisons with a directly loaded timm model need it. Folding: tests/test_fold_bn.py."""
+    return teacher_module.Teacher(*args, fold_bn=False, **kwargs)
 
 P = 16  # student patch size
 CNN, VIT = ("test_resnet", 3), ("test_vit", 2)  # stride 16 both; C = 192, 64
