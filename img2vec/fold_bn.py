@@ -73,13 +73,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 def fold_batch_norms(model: nn.Module, image_size: int = 64) -> tuple[nn.Module, int]:
     """(model with its conv -> batch norm pairs folded, number folded); the model itself when
-    there is nothing to fold, it is on the meta device, or the folded copy disagrees with it."""
+    there is nothing to fold, it is on the meta device, or the folded copy disagrees with it.
+    The pairs are read and the copy checked on one random (1, 3, image_size, image_size) image:
+    give the size the model will run at, which it is known to take."""
     params = next(model.parameters(), None)
     if params is None or params.is_meta or model.training or not any(
             type(m) is nn.BatchNorm2d for m in model.modules()):
         return model, 0
-    example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    example = example.to(params.device, params.dtype)  # (2, 3, S, S)
+    example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    example = example.to(params.device, params.dtype)  # (1, 3, S, S)
     pairs = conv_bn_pairs(model, example)
     if not pairs:
         return model, 0

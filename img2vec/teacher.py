@@ -259,8 +259,9 @@ class Teacher(nn.Module):
     for a ViT, the block index k). weights: "random" (seeded init, for tests and smoke runs
     only) or a local file path. Always eval, no grad; on CUDA runs channels_last under bf16
     autocast, on CPU in fp32. fold_bn: its batch norms are folded into the convolutions before
-    them (one kernel instead of two; exact up to rounding). Output on the student grid (H // p, W // p): average-pooled down
-    from a finer map, bilinearly interpolated up from a coarser one.
+    them (one kernel instead of two; exact up to rounding). Output on the student grid
+    (H // p, W // p): average-pooled down from a finer map, bilinearly interpolated up from a
+    coarser one.
     """
 
     def __init__(self, name: str, stage: "int | str", weights: str, patch_size: int,
@@ -287,7 +288,7 @@ class Teacher(nn.Module):
         self.eval()
         self.folded_bn = 0  # batch norms folded into their convolutions (img2vec/fold_bn.py)
         if fold_bn:
-            self.backbone, self.folded_bn = fold_batch_norms(self.backbone)
+            self.backbone, self.folded_bn = fold_batch_norms(self.backbone, image_size)
 
     def _set_input_normalization(self) -> None:
         """Images arrive normalized with ImageNet's mean/std; a teacher trained with others (CLIP,
