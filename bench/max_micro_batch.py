@@ -8,9 +8,10 @@ memory, then steps up (x1.25) while probes fit and down (x0.8) while they do not
 the bracket while the time budget lasts. Each probe is a fresh process (an out-of-memory error
 leaves DeepSpeed's ZeRO-3 hooks in no state to go on): it builds the engine as train.py does
 (configs/ds_zero3.json with the probed micro-batch, a torch AdamW, teacher outside the engine,
-the loss train.py picks: loss_impl=auto, the Triton kernel on CUDA), runs 3 steps on a synthetic batch, and reports torch.cuda.max_memory_allocated over them
-(on CPU: the VmHWM rise of the process, a coarser figure) and images/s of the last 2 steps,
-next to the estimator's total for the same micro-batch.
+the loss train.py picks: loss_impl=auto, the Triton kernel on CUDA), runs 3 steps on a synthetic
+batch, and reports torch.cuda.max_memory_allocated over them (on CPU: the VmHWM rise of the
+process, a coarser figure) and images/s of the last 2 steps, next to the estimator's total for
+the same micro-batch.
 """
 import argparse
 import json
@@ -79,7 +80,8 @@ def probe(args) -> dict:
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError as e:
         return {"micro_batch": B, "ok": False, "error": str(e).splitlines()[0][:200]}
-    out = {"micro_batch": B, "ok": True, "loss": float(loss), "loss_impl": loss_name, "images_per_s": 2 * B / sum(times[1:])}
+    out = {"micro_batch": B, "ok": True, "loss": float(loss), "loss_impl": loss_name,
+           "images_per_s": 2 * B / sum(times[1:])}
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
         out["peak_over_start_bytes"] = out["peak_bytes"] - base
@@ -146,7 +148,8 @@ def search(args) -> dict:
             break
     best = next((p for p in probes if p["ok"] and p["micro_batch"] == fit), None)
     return {"model": args.model, "image_size": args.image_size, "decoder": args.decoder,
-            "estimated_max_micro_batch": estimated, "first_probe": guess, "max_micro_batch_found": fit, "first_failing": fail,
+            "estimated_max_micro_batch": estimated, "first_probe": guess,
+            "max_micro_batch_found": fit, "first_failing": fail,
             "peak_bytes_at_max": best and best["peak_bytes"], "device_bytes": device_bytes,
             "estimated_bytes_at_max": best and best["estimated_bytes"],
             "images_per_s_at_max": best and best["images_per_s"], "probes": probes}
