@@ -87,24 +87,6 @@ def test_deepspeed_numbers_are_what_its_cold_estimator_prints(huge):
     assert f"{want / 2**30:6.2f}GB" in line
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "math"])
-@pytest.mark.parametrize("B, T, D, H", [(2, 65, 384, 6), (3, 17, 64, 2), (1, 50, 96, 3), (3, 17, 64, 1)])
-def test_block_formula_is_what_autograd_saves(attn, B, T, D, H):
-    torch.manual_seed(0)
-    block = Block(D, H, attn_impl=attn)
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(torch.randn(B, T, D, requires_grad=True))
-    assert sum(saved.values()) == memory.block_activation_bytes(B, T, D, H, 4, attn)
-
-
 def _saved_bytes(params, floating_only=False):
     """saved_tensors_hooks that record every distinct non-parameter storage autograd keeps."""
     saved = {}
@@ -115,6 +97,17 @@ def _saved_bytes(params, floating_only=False):
         return t
 
     return saved, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "math"])
+@pytest.mark.parametrize("B, T, D, H", [(2, 65, 384, 6), (3, 17, 64, 2), (1, 50, 96, 3), (3, 17, 64, 1)])
+def test_block_formula_is_what_autograd_saves(attn, B, T, D, H):
+    torch.manual_seed(0)
+    block = Block(D, H, attn_impl=attn)
+    saved, hooks = _saved_bytes({p.untyped_storage().data_ptr() for p in block.parameters()})
+    with hooks:
+        block(torch.randn(B, T, D, requires_grad=True))
+    assert sum(n for n, _, _ in saved.values()) == memory.block_activation_bytes(B, T, D, H, 4, attn)
 
 
 @pytest.mark.cuda
@@ -147,20 +140,14 @@ def test_student_kept_activations_are_what_autograd_saves(attn):
     images = torch.randn(B, 3, img, img)
     mask = random_masking(B, s.num_patches, 0.75, torch.Generator().manual_seed(0))
     target = teacher(images)
-    params = {q.untyped_storage().data_ptr() for q in student.parameters()}
-    saved = {}
-
-    def pack(t):  # float storages only: the int64 ids are the mask's, alive anyway
-        if t.dtype.is_floating_point and t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # float storages only: the int64 ids are the mask's, alive anyway
+    saved, hooks = _saved_bytes({q.untyped_storage().data_ptr() for q in student.parameters()}, floating_only=True)
+    with hooks:
         pred = student(images, mask.ids_keep, mask.ids_restore, mask.ids_masked)
         masked_feature_loss_ref(pred, target, mask.ids_masked)
     a = memory.activation_bytes(s, B, 0, attn, elem=4)
     targets = 4 * B * s.num_patches * s.channels  # counted by the estimate, not saved by autograd
-    assert sum(saved.values()) == a["encoder_blocks"] + a["decoder_blocks"] + a["outside_blocks"] - targets + a["inputs"]
+    assert sum(n for n, _, _ in saved.values()) == a["encoder_blocks"] + a["decoder_blocks"] + a["outside_blocks"] - targets + a["inputs"]
 
 
 @pytest.mark.cuda
