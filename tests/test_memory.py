@@ -12,7 +12,8 @@ m/v), sharded per ZeRO stage. DeepSpeed's estimator differs by terms we can name
 ViT-H/14 (657.3M student params, L = 6.56M), ZeRO-3 on 8 GPUs: rule 1.22 GiB, DS 1.40 GiB.
 
 Activations: the per-block formula equals, byte for byte, what autograd saves (counted with
-saved_tensors_hooks over distinct storages, parameters excluded). The step's peak is measured
+saved_tensors_hooks over distinct storages, parameters excluded), on CPU in fp32 and on CUDA in
+bf16, where the SDPA kernels also keep 16 bytes of RNG seed and offset. The step's peak is measured
 on CPU in a fresh process: resident set size from /proc/self/status, its high-water mark reset
 through /proc/self/clear_refs before the step, with MALLOC_MMAP_THRESHOLD_=65536 so that every
 tensor of 64 KiB or more is its own mmap and goes back to the OS when freed (RSS then follows
