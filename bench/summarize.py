@@ -58,7 +58,8 @@ def _benchmarks(work, errors):
     """{pytest-benchmark name: extra_info scalars + median_s}, from every pytest-benchmark JSON."""
     rows = {}
     for path in sorted(glob.glob(os.path.join(work, "*.json"))):
-        if os.path.basename(path) in ("versions.json", "max_micro_batch.json", "profile.json") or os.path.getsize(path) == 0:
+        not_benchmarks = ("versions.json", "max_micro_batch.json", "profile.json")
+        if os.path.basename(path) in not_benchmarks or os.path.getsize(path) == 0:
             continue  # not a benchmark, or a step killed before pytest-benchmark wrote it
         data = _load_json(path, errors)
         if not isinstance(data, dict):
