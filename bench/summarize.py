@@ -92,6 +92,8 @@ def fused_loss(work, benches, errors):
 
 
 def train_step(benches):
+    """Per model-configuration row; the DeepSpeed engine's row also gets its step time over the same
+    compute outside the engine (bf16 weights on CUDA, fp32 on CPU), from whichever JSON holds it."""
     out = {}
     for name, e in benches.items():
         m = re.match(r"test_bench_train_step\[(.*)\]$", name)
@@ -99,7 +101,15 @@ def train_step(benches):
             continue
         out[m.group(1)] = {k: e.get(k) for k in ("images_per_s", "mfu_pct", "mfu_vs_measured_sgemm_pct",
                                                  "peak_memory_GiB", "speedup_vs_reference", "attn", "loss",
-                                                 "compiled")}
+                                                 "compiled", "precision", "optimizer")}
+    for name, row in out.items():
+        if not name.endswith("-deepspeed_zero2"):
+            continue
+        model = name[:-len("-deepspeed_zero2")]
+        same_compute = "optimized_bf16_weights" if "bf16" in str(row.get("precision")) else "optimized"
+        same = out.get(f"{model}-{same_compute}")
+        if same and _num(same.get("images_per_s")) and _num(row.get("images_per_s")):
+            row["engine_time_vs_same_compute"] = same["images_per_s"] / row["images_per_s"]
     return out
 
 
@@ -169,8 +179,9 @@ def print_table(info):
         print(f"  {name:40s} {r.get('time_us')} us  {r.get('GB/s')} GB/s  {r.get('pct_of_hbm_bound')}%  "
               f"x{r.get('speedup_vs_eager')} eager  x{r.get('speedup_vs_compiled')} compiled  {r.get('note') or ''}")
     for name, r in (info.get("train_step") or {}).items():
+        engine = f"  engine x{r['engine_time_vs_same_compute']:.2f} time" if "engine_time_vs_same_compute" in r else ""
         print(f"  train {name:28s} {r.get('images_per_s')} img/s  MFU {r.get('mfu_pct')}  "
-              f"x{r.get('speedup_vs_reference')} vs reference  peak {r.get('peak_memory_GiB')} GiB")
+              f"x{r.get('speedup_vs_reference')} vs reference  peak {r.get('peak_memory_GiB')} GiB{engine}")
     for name, r in (info.get("attention") or {}).items():
         print(f"  attention {name:28s} {r.get('TFLOP/s')} TFLOP/s")
     for name, r in (info.get("teacher") or {}).items():

@@ -19,16 +19,23 @@ data loader: this measures the trainer, bench/test_bench_data.py the data path).
     optimized_bf16_weights (ViT-B and the CPU's model only)  optimized, with the student's
                weights in bf16 and no autocast: what DeepSpeed's bf16 mode computes (train.py);
                autocast instead re-casts weights and runs layer norms in fp32 every step
+    deepspeed_zero2 (ViT-B and the CPU's model only)  the step train.py runs: optimized inside
+               the DeepSpeed engine of configs/ds_zero2.json (bf16 on CUDA with fp32 master
+               weights, ZeRO-2 gradient buckets, clipping at 3.0; fp32 on CPU), the non-finite
+               guard and img2vec.loop.backward_and_step; compiled with engine.compile() as
+               train.py's `compile: true` does. Its time over optimized_bf16_weights' (CUDA) or
+               optimized's (CPU, fp32), the same compute outside the engine, is what the engine
+               costs in one process (bench/summarize.py: engine_time_vs_same_compute).
 
-A plain torch AdamW step, not the DeepSpeed engine: on CUDA the student runs under
-torch.autocast(bf16) with fp32 weights, or with bf16 weights (optimized_bf16_weights; DeepSpeed
-also keeps fp32 masters in its optimizer, whose step is ~1% of this one); the teacher runs as in
-train.py (bf16 autocast, channels_last on CUDA). fp32 throughout on CPU, but for the bf16-weights
-configuration.
+The other configurations are a plain torch AdamW step, not the DeepSpeed engine: on CUDA the
+student runs under torch.autocast(bf16) with fp32 weights, or with bf16 weights
+(optimized_bf16_weights); the teacher runs as in train.py (bf16 autocast, channels_last on
+CUDA). fp32 throughout on CPU, but for the bf16-weights configuration.
 
 Parity first: each configuration's loss and global gradient norm on a fixed batch, from the
 same initial weights, must equal the reference's (fp32 CPU: rtol 1e-5 / 1e-4; bf16 CUDA: 2e-2
-/ 5e-2) before anything is timed.
+/ 5e-2) before anything is timed. The engine's gradient norm is the one it computes for
+clipping, in its first step.
 
 MFU = images/s * FLOPs per image / peak. FLOPs per image = 3 * (student forward FLOPs) +
 (teacher forward FLOPs): the backward costs two forwards' matmuls, the teacher only runs
@@ -43,6 +50,7 @@ import contextlib
 import gc
 import os
 import time
+import types
 
 import pytest
 import torch
@@ -51,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` is first imported
 
+from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step  # noqa: E402
 from img2vec.optim import build_optimizer, param_groups  # noqa: E402
 from img2vec.fastpaths import resolve_attn, resolve_loss  # noqa: E402
 from img2vec.masking import random_masking  # noqa: E402
@@ -69,6 +78,7 @@ TEACHER = ("resnet50", 3)  # stride 16, C = 1024
 MASK_RATIO = 0.75
 ROUNDS = 10
 COMPILE = set(filter(None, os.environ.get("IMG2VEC_BENCH_COMPILE", "vit_base" if CUDA else "").split(",")))
+ENGINE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "ds_zero2.json")  # the main job's
 TOL_BF16, TOL_FP32 = {"loss": 2e-2, "grad_norm": 5e-2}, {"loss": 1e-5, "grad_norm": 1e-4}
 
 pytestmark = pytest.mark.usefixtures("bench_cpu_threads")  # bench/conftest.py
@@ -149,12 +159,16 @@ def _configure(model, config):
     student.load_state_dict(s["weights"])
     if config == "optimized_bf16_weights":
         student.to(torch.bfloat16)
+    engine = None
     if config == "reference":
         optimizer = torch.optim.AdamW(param_groups(student, 0.05), lr=1e-4, betas=(0.9, 0.95), foreach=False)
         optim_name = "torch AdamW (for-loop)"
     else:
         optimizer = build_optimizer(student, 1e-4, 0.05, (0.9, 0.95), "auto")
         optim_name = type(optimizer).__name__ + (" fused" if optimizer.defaults.get("fused") else "")
+    if config == "deepspeed_zero2":
+        engine = _engine(student, optimizer, MODELS[model])
+        optim_name = f"DeepSpeed ZeRO-{engine.zero_optimization_stage()} around {optim_name}"
     teacher_fn = s["teacher"]
     if config == "reference":  # the teacher as timm builds it: its batch norms run
         if "teacher_unfolded" not in s:
@@ -162,13 +176,20 @@ def _configure(model, config):
                                             fold_bn=False).to(DEVICE)
             s["teacher_unfolded_s"] = _time_teacher(s["teacher_unfolded"], s["images"])
         teacher_fn = s["teacher_unfolded"]
-    if compiled:
+    if compiled and engine is not None:  # as train.py: after initialize, DeepSpeed's hooks stay outside
+        engine.compile()
+        student, teacher_fn = engine, torch.compile(s["teacher"])
+    elif compiled:
         student, teacher_fn = torch.compile(student), torch.compile(s["teacher"])
+    elif engine is not None:
+        student = engine
     why = ("" if loss_name == "triton" or config == "reference"
            else "reference loss: on CPU Triton runs only in its numpy interpreter, no speed figure")
     precision = "bf16 autocast (fp32 weights)" if CUDA else "fp32"
     if config == "optimized_bf16_weights":
         precision = "bf16 weights, no autocast (DeepSpeed bf16 mode's compute)"
+    if engine is not None:
+        precision = f"DeepSpeed {'bf16 (bf16 weights, fp32 master weights)' if CUDA else 'fp32'}"
     desc = {"attn": attn, "loss": loss_name, "compiled": compiled, "optimizer": optim_name, "precision": precision}
     if why:
         desc["note"] = why
@@ -176,6 +197,24 @@ def _configure(model, config):
         desc["compile_off_because"] = ("CPU: cold compile ~60 s on 2 cores" if not CUDA
                                        else "not in IMG2VEC_BENCH_COMPILE (device-check time budget)")
     return student, teacher_fn, loss_fn, optimizer, desc
+
+
+def _engine(student, optimizer, micro_batch):
+    """The DeepSpeed engine of the main job's JSON around `student`, in a one-process group."""
+    from img2vec.distributed import init_distributed
+    from img2vec.ds_config import load_ds_config
+    from img2vec.runtime import build_engine
+
+    if not torch.distributed.is_initialized():
+        init_distributed()
+    ds_config = load_ds_config(ENGINE_CONFIG, 1)
+    ds_config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+                     train_batch_size=micro_batch)
+    return build_engine(student, optimizer, types.SimpleNamespace(ds_config=ds_config))[0]
+
+
+def _is_engine(student):
+    return hasattr(student, "zero_optimization_stage")
 
 
 def _loss(student, teacher_fn, loss_fn, images, mask):
@@ -190,11 +229,16 @@ def _parity(model, config, student, teacher_fn, loss_fn):
     """Loss and gradient norm on the fixed batch; the reference's are the contract."""
     s = _shared[model]
     loss = _loss(student, teacher_fn, loss_fn, s["images"], s["mask"])
-    loss.backward()
-    grad_norm = torch.linalg.vector_norm(
-        torch.stack([p.grad.float().norm() for p in student.parameters() if p.grad is not None]))
-    student.zero_grad(set_to_none=True)
-    got = {"loss": loss.item(), "grad_norm": grad_norm.item()}
+    if _is_engine(student):  # ZeRO keeps the gradients in its own buffers: read the norm it clips by
+        student.backward(loss)
+        student.step()
+        grad_norm = float(student.get_global_grad_norm())
+    else:
+        loss.backward()
+        grad_norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.float().norm() for p in student.parameters() if p.grad is not None])).item()
+        student.zero_grad(set_to_none=True)
+    got = {"loss": loss.item(), "grad_norm": grad_norm}
     if config == "reference":
         s["parity"] = got
     want = s["parity"]
@@ -215,11 +259,12 @@ def _cpu_matmul_peak():
     return 2 * 1024**3 / best
 
 
-BF16_WEIGHTS_MODELS = ("vit_base", "vit_tiny")  # L and H: not within the device check's time
+BF16_MODELS = ("vit_base", "vit_tiny")  # bf16 weights and the engine; L and H: not within the device check's time
 
 
 @pytest.mark.parametrize("model, config", [(m, c) for m in MODELS for c in ("reference", "optimized")]
-                         + [(m, "optimized_bf16_weights") for m in MODELS if m in BF16_WEIGHTS_MODELS])
+                         + [(m, c) for m in MODELS if m in BF16_MODELS
+                            for c in ("optimized_bf16_weights", "deepspeed_zero2")])
 def test_bench_train_step(benchmark, config, model):
     s = _setup(model)
     if config != "reference" and "parity" not in s:  # the reference sets the parity contract
@@ -230,15 +275,23 @@ def test_bench_train_step(benchmark, config, model):
     parity = _parity(model, config, student, teacher_fn, loss_fn)  # also compiles / warms up
     warmup_s = time.perf_counter() - t0
     live = {"student": student, "teacher": teacher_fn, "optimizer": optimizer}  # cleared after timing
+    if _is_engine(student):  # train.py's per-step bookkeeping, device ops only
+        live["guard"] = NonFiniteGuard(optimizer, DEVICE, 1, max_in_a_row=10)
+        live["window"] = LogWindow(DEVICE, 10**9, 10**9, B, 1, 1)
     del student, teacher_fn, optimizer
     g = torch.Generator().manual_seed(1)
 
     def step():
         # masks drawn on CPU and moved, as train.py does (mask_noise -> random_masking)
         mask = random_masking(B, N, MASK_RATIO, generator=g, device=DEVICE)
-        _loss(live["student"], live["teacher"], loss_fn, s["images"], mask).backward()
-        live["optimizer"].step()
-        live["optimizer"].zero_grad(set_to_none=True)
+        loss = _loss(live["student"], live["teacher"], loss_fn, s["images"], mask)
+        if "guard" in live:
+            backward_and_step(live["student"], live["guard"], live["window"], loss, boundary=True)
+            live["guard"].end_step()
+        else:
+            loss.backward()
+            live["optimizer"].step()
+            live["optimizer"].zero_grad(set_to_none=True)
         if CUDA:
             torch.cuda.synchronize()
 
@@ -248,6 +301,8 @@ def test_bench_train_step(benchmark, config, model):
     benchmark.group = f"train-step-{model}"
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
+    if _is_engine(live["student"]):
+        live["student"].destroy()  # its optimizer's flat buffers and hooks
     live.clear()
     if desc["compiled"]:
         torch._dynamo.reset()  # drop the compiled graphs, which hold the student
