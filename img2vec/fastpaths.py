@@ -13,6 +13,10 @@ import torch
 log = logging.getLogger("img2vec")
 
 
+class FastPathError(RuntimeError):
+    """A fast path asked for by name cannot run here; the message says why and what to use."""
+
+
 def resolve_loss(loss_impl: str, device: torch.device, kind: str | None = None) -> tuple[str, Callable]:
     """Returns (name, fn) with fn(pred, target, ids_masked, beta, eps, kind="smooth_l1") -> fp32 scalar.
 
@@ -36,9 +40,9 @@ def _resolve_loss_impl(loss_impl: str, device: torch.device, reference: Callable
         if loss_impl == "auto":
             log.info("loss: reference (triton is not importable)")
             return "reference", reference
-        raise RuntimeError("loss_impl=triton needs the triton package; use loss_impl=reference or auto")
+        raise FastPathError("loss_impl=triton needs the triton package; use loss_impl=reference or auto")
     if device.type != "cuda" and not interpreted:
-        raise RuntimeError("loss_impl=triton needs a CUDA device (or TRITON_INTERPRET=1 for a slow CPU "
+        raise FastPathError("loss_impl=triton needs a CUDA device (or TRITON_INTERPRET=1 for a slow CPU "
                            "check); use loss_impl=reference or auto")
     return "triton", kernels.masked_feature_loss
 
@@ -54,6 +58,6 @@ def resolve_attn(attn_impl: str, device: torch.device) -> str:
             q = torch.zeros(1, 4, 1, 64, device=device, dtype=torch.bfloat16)
             xops.memory_efficient_attention(q, q, q)  # its wheel may import yet fail here
         except Exception as e:  # noqa: BLE001 - any failure means "cannot run here"
-            raise RuntimeError(f"attn_impl=xformers cannot run here ({type(e).__name__}: "
+            raise FastPathError(f"attn_impl=xformers cannot run here ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}); use attn_impl=sdpa or auto") from None
     return attn_impl

@@ -5,6 +5,8 @@ import math
 import torch
 import torch.nn as nn
 
+from img2vec.fastpaths import FastPathError
+
 log = logging.getLogger("img2vec")
 
 
@@ -34,7 +36,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         except ImportError:
             FusedAdam = None
         if FusedAdam is None or not torch.cuda.is_available():
-            raise RuntimeError("fused_optim=apex needs NVIDIA apex built with CUDA (see README); "
+            raise FastPathError("fused_optim=apex needs NVIDIA apex built with CUDA (see README); "
                                "use fused_optim=torch or auto")
         log.info("optimizer: apex FusedAdam (non-finite steps are not skipped on the device)")
         return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)

@@ -12,7 +12,7 @@ import torch
 
 from img2vec.config import Config, ConfigError
 from img2vec.distributed import init_distributed, seed_everything
-from img2vec.ds_config import ds_precision, load_ds_config
+from img2vec.ds_config import DsConfigError, ds_precision, load_ds_config
 
 log = logging.getLogger("img2vec")
 
@@ -72,10 +72,21 @@ def setup_runtime(ds_config_path: str, cfg):
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime):
-    """DeepSpeed engine around `model`; returns (engine, the optimizer DeepSpeed wraps it in)."""
+    """DeepSpeed engine around `model`; returns (engine, the optimizer DeepSpeed wraps it in).
+    A JSON that DeepSpeed itself rejects (a removed or misspelled key, a bad value, an option that
+    needs DeepSpeed's own optimizer) raises DsConfigError with DeepSpeed's reason, in one line."""
     import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfigError
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+    from pydantic import ValidationError
 
-    engine, wrapped, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=rt.ds_config)
+    try:
+        engine, wrapped, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=rt.ds_config)
+    except ValidationError as e:  # DeepSpeed's config sections are pydantic models
+        reasons = "; ".join(f"{'.'.join(map(str, err['loc'])) or e.title}: {err['msg']}" for err in e.errors())
+        raise DsConfigError(f"DeepSpeed rejected the DeepSpeed JSON ({e.title}): {reasons}") from None
+    except (DeepSpeedConfigError, ZeRORuntimeException) as e:
+        raise DsConfigError(f"DeepSpeed rejected the DeepSpeed JSON: {' '.join(str(e).split())}") from None
     return engine, wrapped
 
 
@@ -104,10 +115,13 @@ def report_user_error(err: Exception) -> int:
 
     from dataloading import DataError
     from img2vec.checkpoint import CheckpointError
+    from img2vec.fastpaths import FastPathError
     from img2vec.run_lock import RunLockedError
+    from img2vec.teacher import TeacherWeightsError
 
     kinds = [("config", ConfigError), ("data", DataError), ("output_dir", RunLockedError),
-             ("checkpoint", CheckpointError), ("file", FileNotFoundError)]
+             ("checkpoint", CheckpointError), ("file", FileNotFoundError), ("teacher_weights", TeacherWeightsError),
+             ("fast path", FastPathError)]
     kind = next((name for name, t in kinds if isinstance(err, t)), None)
     if kind is None:
         raise err

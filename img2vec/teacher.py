@@ -144,7 +144,12 @@ def _describe_top_level(obj) -> str:
     return ", ".join(items[:12]) + more if items else "none (empty dict)"
 
 
-class CheckpointLayoutError(ValueError):
+class TeacherWeightsError(ValueError):
+    """A teacher_weights file that cannot be read or does not fit the teacher: the user's file,
+    not a bug, so entry points print its one-line message and exit 2."""
+
+
+class CheckpointLayoutError(TeacherWeightsError):
     """A checkpoint whose weights could not be found; the message lists its top-level keys."""
 
 
@@ -171,7 +176,7 @@ def _read_checkpoint(path: str):
     except Exception as e:
         lines = str(e).strip().splitlines()  # pickle errors run to many lines: keep the first
         reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-        raise ValueError(f"could not read teacher weights {path}: {reason}; expected a state "
+        raise TeacherWeightsError(f"could not read teacher weights {path}: {reason}; expected a state "
                          "dict saved with torch.save or a .safetensors file") from None
 
 
@@ -222,8 +227,8 @@ def load_teacher_weights(model_or_backbone: nn.Module, path: str) -> None:
     `layer1.0.conv1.weight`, `blocks.0.attn.qkv.weight`, ...), so a full state dict (timm's
     or torchvision's: the same ResNet names) fits after dropping the keys of later stages /
     blocks and the head. A ViT's pos_embed is resampled if the image size differs. Missing
-    keys of the used modules, or shape mismatches, raise ValueError; a file where no key
-    matches raises CheckpointLayoutError listing the top-level keys found.
+    keys of the used modules, or shape mismatches, raise TeacherWeightsError; a file where no key
+    matches raises CheckpointLayoutError (one of those) listing the top-level keys found.
     """
     if getattr(model_or_backbone, "folded_bn", 0):
         raise ValueError("this teacher's batch norms are folded into its convolutions: give the weights "
@@ -246,7 +251,7 @@ def load_teacher_weights(model_or_backbone: nn.Module, path: str) -> None:
     checks = (("shape mismatches (file vs model)", bad_shape), ("missing keys", missing))
     problems = [f"{len(keys)} {what}, e.g. {', '.join(keys[:5])}" for what, keys in checks if keys]
     if problems:
-        raise ValueError(f"teacher weights {path} do not fit the teacher: {'; '.join(problems)}")
+        raise TeacherWeightsError(f"teacher weights {path} do not fit the teacher: {'; '.join(problems)}")
     logger.info("loaded teacher weights %s (%s): %d tensors, dropped %d unused (later stages/head)",
                 path, where, len(own) - len(missing), len(dropped))
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)

@@ -246,9 +246,13 @@ def test_a_checkpoint_never_holds_non_finite_weights(data_dir, ds, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("content,expected,where", [
     ("[1, 2]", "must hold a JSON object", "in-process"),
-    ('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 7}}', "stage must be one of 0, 1, 2, 3",
+    ('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 7}}', "stage must be one of 1, 2, 3",
      "subprocess"),
-], ids=["list", "zero_stage_7"])
+    # refused by DeepSpeed itself, after the model is built: its reason, in one line
+    ('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2, "stagee": 1}}',
+     "DeepSpeed rejected the DeepSpeed JSON (DeepSpeedZeroConfig): stagee: Extra inputs are not permitted",
+     "subprocess"),
+], ids=["list", "zero_stage_7", "key_deepspeed_rejects"])
 def test_a_broken_deepspeed_json_is_one_line_and_exit_2(content, expected, where, data_dir, tmp_path, capfd):
     """Refused before anything slow: train.py's main in this process, and once as a real process."""
     bad = tmp_path / "ds.json"
@@ -320,7 +324,15 @@ def test_the_encoder_export_is_byte_reproducible(two_step_run, tmp_path, capfd):
     ('{"train_micro_batch_size_per_gpu": 0}', "train_micro_batch_size_per_gpu must be a whole number >= 1, got 0"),
     ('{"train_micro_batch_size_per_gpu": "4"}', "train_micro_batch_size_per_gpu must be a whole number >= 1, got '4'"),
     ('{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 0}', "gradient_accumulation_steps must"),
-    ('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 7}}', "stage must be one of 0, 1, 2, 3"),
+    ('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 7}}', "stage must be one of 1, 2, 3"),
+    ('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0}}', "ZeRO stage 0 (also DeepSpeed's"),
+    ('{"train_micro_batch_size_per_gpu": 4}', "is not supported: img2vec's checkpoints, resume and encoder export"),
+    ('{"train_micro_batch_size_per_gpu": 4, "train_batch_size": 10, "zero_optimization": {"stage": 1}}',
+     "train_batch_size 10 != micro-batch 4 x gradient_accumulation_steps 1 x 1 process(es) = 4"),
+    ('{"train_micro_batch_size_per_gpu": 4, "train_batch_size": 8, "gradient_accumulation_steps": 1, '
+     '"zero_optimization": {"stage": 1}}', "train_batch_size 8 != micro-batch 4"),
+    ('{"train_micro_batch_size_per_gpu": 4, "gradient_clipping": "x", "zero_optimization": {"stage": 1}}',
+     "gradient_clipping must be a number >= 0 (0: off), got 'x'"),
     ('{"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam"}}', "remove 'optimizer'/'scheduler'"),
 ])
 def test_every_deepspeed_json_problem_is_one_config_error(content, expected, tmp_path):
@@ -333,6 +345,37 @@ def test_every_deepspeed_json_problem_is_one_config_error(content, expected, tmp
     with pytest.raises(ConfigError) as e:
         load_ds_config(str(path), 1)
     assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_train_batch_size_without_accumulation_steps_sets_them_as_deepspeed_does(tmp_path):
+    from img2vec.ds_config import load_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_micro_batch_size_per_gpu": 4, "train_batch_size": 32, "zero_optimization": {"stage": 1}}')
+    cfg = load_ds_config(str(path), 2)  # 32 images per step = 4 per process x 2 processes x 4 micro-steps
+    assert (cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (4, 32)
+
+
+@pytest.mark.parametrize("module,name,message", [
+    ("img2vec.teacher", "TeacherWeightsError", "teacher weights w.pth do not fit the teacher: 16 shape mismatches"),
+    ("img2vec.teacher", "CheckpointLayoutError", "unknown checkpoint layout in w.pth: top-level keys found: none"),
+    ("img2vec.fastpaths", "FastPathError", "attn_impl=xformers cannot run here (no xformers); use attn_impl=auto"),
+])
+def test_bad_teacher_weights_and_fast_paths_that_cannot_run_are_one_line_and_exit_2(module, name, message, capsys):
+    import importlib
+
+    from img2vec.runtime import report_user_error
+
+    assert report_user_error(getattr(importlib.import_module(module), name)(message)) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(message)
+
+
+def test_a_bug_keeps_its_traceback():
+    from img2vec.runtime import report_user_error
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        report_user_error(RuntimeError("a bug"))
 
 
 def test_save_safetensors_is_byte_stable_and_loads_back(tmp_path):
