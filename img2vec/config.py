@@ -12,6 +12,7 @@ Its batch keys can be overridden by `batch_size` (per process) and `accum_iter`.
 import argparse
 import dataclasses
 import difflib
+import glob
 import math
 import os
 import sys
@@ -83,7 +84,8 @@ class Config(_Loadable):
     decoder_heads: int = _key(4, "model", "decoder attention heads", arch=True)
     mask_ratio: float = _key(0.5, "model", "fraction of patches masked, in (0, 1) (presets: 0.75)")
     teacher: str = _key("auto", "teacher", "hog | pixels (no weights) | a timm model name | auto: resnet50 "
-                        "when teacher_weights is given (a file or 'random'), else hog", arch=True)
+                        "when teacher_weights is given (a file or 'random'), hog on the bundled sample "
+                        "images; with your own data_path, give teacher_weights or a teacher", arch=True)
     teacher_stage: int = _key(3, "teacher", "timm features_only stage (resnet50 3: stride 16, C=1024)",
                               arch=True)
     teacher_weights: str = _key("", "teacher", "a local .safetensors/.pth file, or 'random' (said explicitly)")
@@ -175,6 +177,10 @@ class Config(_Loadable):
             raise ConfigError("ckpt_every, diversity_every, keep_last and eval_every must be >= 0")
         from img2vec.hog import WEIGHT_FREE_TEACHERS, check_patch_size
 
+        if self.teacher == "auto" and not self.teacher_weights and not self.uses_sample_data:
+            # on the user's own data, never swap the paper's teacher for another one unasked
+            raise ConfigError("with your own data_path, choose the teacher: teacher_weights FILE (ResNet-50 stage 3, "
+                              "Img2Vec's teacher), teacher_weights random, or teacher hog / pixels (no weights)")
         if self.teacher == "auto":  # real weights keep the paper's teacher; none: a teacher that needs none
             self.teacher = "resnet50" if self.teacher_weights else "hog" if self.resolved_patch_size % 8 == 0 \
                 else "pixels"  # HOG's cells are 8 pixels
@@ -195,9 +201,9 @@ class Config(_Loadable):
         if self.teacher_weights not in ("", "random") and not os.path.isfile(self.teacher_weights):
             raise ConfigError(f"teacher_weights file not found: {self.teacher_weights} "
                               f"(pass a local .safetensors/.pth file, or 'random')")
-        if self.data_path and not os.path.exists(self.data_path):
-            raise ConfigError(f"data_path does not exist: {self.data_path} "
-                              f"(pass an ImageFolder directory or a text file list)")
+        if self.data_path and not os.path.exists(self.data_path) and not glob.glob(self.data_path):
+            raise ConfigError(f"data_path does not exist: {self.data_path} (pass an ImageFolder directory, a text "
+                              f"file list, or WebDataset .tar shards: one, a folder of them, or a glob in quotes)")
         if self.eval_every and not all(os.path.isdir(os.path.join(self.eval_data, s)) for s in ("train", "val")):
             raise ConfigError("eval_every needs eval_data: a folder with train/ and val/ ImageFolders")
         from img2vec.teacher import validate_teacher_stage  # builds on the meta device: cheap

@@ -18,7 +18,9 @@ def test_auto_teacher_is_the_papers_with_weights_and_weight_free_without(tmp_pat
     weights.write_bytes(b"")
     assert load_config(None, ["--teacher_weights", "random"]).teacher == "resnet50"
     assert load_config(None, ["--teacher_weights", str(weights)]).teacher == "resnet50"
-    assert load_config(None, ["--data_path", str(tmp_path)]).teacher == "hog"
+    assert load_config(None, ["--data_path", str(tmp_path), "--teacher", "hog"]).teacher == "hog"
+    with pytest.raises(ConfigError, match="with your own data_path, choose the teacher: teacher_weights FILE"):
+        load_config(None, ["--data_path", str(tmp_path)])  # never HOG in place of the paper's teacher unasked
     huge = load_config(None, ["--model", "vit_huge", "--patch_size", "0", "--image_size", "224"])
     assert huge.teacher == "pixels"  # patch 14: HOG's 8-pixel cells do not tile it
 
@@ -70,6 +72,14 @@ def test_own_data_needs_teacher_weights_said_explicitly(tmp_path):
         load_config(None, ["--teacher_weights", str(tmp_path / "missing.pth")])
     with pytest.raises(ConfigError, match="data_path does not exist"):
         load_config(None, ["--data_path", str(tmp_path / "nope"), "--teacher_weights", "random"])
+    with pytest.raises(ConfigError, match="data_path does not exist: .*train-.*tar .*a glob in quotes"):
+        load_config(None, ["--data_path", str(tmp_path / "train-*.tar"), "--teacher", "hog"])
+
+
+def test_a_glob_of_webdataset_shards_is_a_data_path(tmp_path):
+    (tmp_path / "train-0000.tar").write_bytes(b"")  # the loader reads shards; the config checks the pattern matches
+    pattern = str(tmp_path / "train-*.tar")
+    assert load_config(None, ["--data_path", pattern, "--teacher", "hog"]).data_path == pattern
 
 
 def test_yaml_unknown_key_and_non_mapping(tmp_path):
