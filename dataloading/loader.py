@@ -75,7 +75,8 @@ def build_loader(spec: LoaderSpec) -> BaseLoader:
         raise DataError(
             f"data set has {len(source)} images, fewer than one global batch "
             f"(micro_batch {spec.micro_batch} x world_size {spec.world_size} = {global_batch}); "
-            "use a smaller micro_batch or more images"
+            "use a smaller micro-batch (--batch_size, or the DeepSpeed JSON's train_micro_batch_size_per_gpu) "
+            "or more images"
         )
     _first_usable(source, spec.max_image_pixels)
     if backend == "dali":
