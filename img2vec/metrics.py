@@ -2,9 +2,13 @@
 JSONL rows, TensorBoard scalars, and the loss-curve PNG.
 
 metrics.jsonl holds one JSON object per line, each with "step":
-    {"step", "loss", "lr", "img_per_s", ..., "div_pred", "div_target"}   a log interval
+    {"step", "loss", "lr", "img_per_s", ..., "div_pred", "div_target", "div_step"}   a log interval
     {"step", "knn_top1", "knn_top5"}                                      an in-training kNN evaluation
+    {"step", "verdict_knn_top1", "verdict_knn_top1_random_init"}          the end-of-run learning verdict
     {"step", "event": "resumed", "total_steps", "previous_total_steps"}   a launch that continued a run
+A collapse probe's reading (div_*) is in the first log interval after it, once, with div_step, the
+optimizer step it was taken at (<= step). TensorBoard gets each number as train/<name> at the row's
+step, a probe's reading at div_step.
 """
 import json
 import logging
@@ -42,11 +46,14 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict) -> None:
         """One row of metrics at optimizer step `step`; a row with "loss" is a log interval (progress
-        shown), a row with "knn_top1" is printed as a line of its own."""
+        shown), a row with "knn_top1" is printed as a line of its own. A collapse probe's reading
+        (div_pred, div_target) goes to TensorBoard at div_step, the step it was taken at."""
         if not self.enabled:
             return
+        probe_step = metrics.get("div_step", step)
         for key, value in metrics.items():
-            self.tb.add_scalar(f"train/{key}", value, step)
+            if key != "div_step":
+                self.tb.add_scalar(f"train/{key}", value, probe_step if key.startswith("div_") else step)
         self._write({"step": step, **metrics})
         if "loss" in metrics:
             if self.bar is not None:
@@ -64,7 +71,8 @@ class MetricsLogger:
             self._write({"step": step, "event": name, **fields})
 
     def progress_line(self, step: int, metrics: dict) -> str:
-        """'pretrain step 40/400 (10%)  loss 0.4123  lr 1.00e-03  img/s 52.1  div pred/target 0.31/0.42  eta 5m12s'."""
+        """'pretrain step 40/400 (10%)  loss 0.4123  lr 1.00e-03  img/s 52.1  div pred/target 0.310/0.420
+        (step 25)  eta 5m12s', one line: a probe reading names the step it was taken at when not this one."""
         parts = [f"{self.desc} step {step}/{self.total_steps} ({100 * step // max(1, self.total_steps)}%)",
                  f"loss {metrics['loss']:.4f}"]
         if "lr" in metrics:
@@ -72,7 +80,9 @@ class MetricsLogger:
         if "img_per_s" in metrics:
             parts.append(f"img/s {metrics['img_per_s']:.1f}")
         if "div_pred" in metrics and "div_target" in metrics:
-            parts.append(f"div pred/target {metrics['div_pred']:.3f}/{metrics['div_target']:.3f}")
+            taken = metrics.get("div_step", step)
+            parts.append(f"div pred/target {metrics['div_pred']:.3f}/{metrics['div_target']:.3f}"
+                         + (f" (step {taken})" if taken != step else ""))
         if metrics.get("skipped"):
             parts.append(f"skipped {metrics['skipped']}")
         done = step - self.start_step
@@ -102,6 +112,16 @@ class MetricsLogger:
         else:
             with self.bar.external_write_mode(file=sys.stderr):  # the bar steps aside for the line, then redraws
                 log.info("%s", line)
+
+
+def add_scalars(output_dir: str, step: int, scalars: dict[str, float]) -> None:
+    """TensorBoard scalars train/<name> at `step` in output_dir/tensorboard, once the run's
+    MetricsLogger has closed (rank 0): the end-of-run verdict."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(os.path.join(output_dir, "tensorboard")) as tb:
+        for name, value in scalars.items():
+            tb.add_scalar(f"train/{name}", value, step)
 
 
 def append_event(jsonl_path: str, step: int, name: str, **fields) -> None:
@@ -203,7 +223,7 @@ def loss_figure(rows: list[dict], plt):
     panel = 1
     if div:
         d_ax = axes[panel]
-        d_steps = [r["step"] for r in div]
+        d_steps = [r.get("div_step", r["step"]) for r in div]  # where each reading was taken
         d_ax.plot(d_steps, [r["div_pred"] for r in div], color="tab:red", label="div_pred (student)")
         d_ax.plot(d_steps, [r["div_target"] for r in div], color="tab:green", label="div_target (teacher)")
         d_ax.set_ylabel("token diversity")

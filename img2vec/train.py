@@ -26,12 +26,12 @@ import torch.distributed as dist
 
 from img2vec.checkpoint import (export_encoder, frozen_parameters, load_fp32_state_dict, resume_checkpoint,
                                 save_checkpoint)
-from img2vec.collapse import CollapseAlarm
+from img2vec.collapse import CollapseAlarm, PendingReading
 from img2vec.config import Config
 from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step
 from img2vec.masking import mask_noise, random_masking
-from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until, plot_loss_curve
+from img2vec.metrics import MetricsLogger, add_scalars, append_event, keep_metrics_until, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
 from img2vec.run_lock import lock_run_dir
 from img2vec.runtime import Runtime, end_start_up, entry_config, exit_process, report_user_error, setup_runtime
@@ -124,8 +124,9 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
              sizes[0] / 1e6, sizes[1] / 1e6, num_patches, cfg.mask_ratio, cfg.teacher, teacher.info.module,
              teacher.channels, weights, attn_impl, f"{loss_name} {cfg.loss}",
              str(rt.dtype).replace("torch.", ""), rt.device, rt.log_line(), total_steps, peak_lr)
+    alarm = CollapseAlarm(warmup_steps, cfg.collapse_fraction, every=cfg.diversity_every)
     return Pretraining(loader, teacher, engine, optimizer, guard, loss_fn, knn, num_patches, total_steps,
-                       warmup_steps, peak_lr, frozen, timm_kwargs, CollapseAlarm(warmup_steps, cfg.collapse_fraction))
+                       warmup_steps, peak_lr, frozen, timm_kwargs, alarm)
 
 
 def schedule_steps(cfg: Config, micro_steps_per_epoch: int, accum_steps: int) -> tuple[int, int]:
@@ -185,8 +186,7 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
     run.guard.total = skipped_steps
     window = LogWindow(rt.device, cfg.log_every, run.total_steps, rt.micro_batch, rt.accum_steps, rt.world_size)
     micro_step = step * rt.accum_steps  # index into the endless stream of micro-batches
-    diversity = {}  # device scalars from the last collapse probe, read at the next log
-    probe_step = 0  # the optimizer step the probe was taken at
+    probe = PendingReading()  # the last collapse probe's device scalars, read once at the next log
     while step < run.total_steps:
         epoch, offset = divmod(micro_step, run.loader.steps_per_epoch)
         for batch in run.loader.iter_from(epoch, offset):
@@ -197,8 +197,7 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
             pred = run.engine(images.to(rt.dtype), mask.ids_keep, mask.ids_restore, mask.ids_masked)  # (B, M, C)
             loss = run.loss_fn(pred, target, mask.ids_masked, cfg.loss_beta, cfg.loss_eps)
             if cfg.diversity_every and micro_step % (cfg.diversity_every * rt.accum_steps) == 0:
-                diversity = collapse_probe(pred, target, mask.ids_masked)  # step 0: the teacher's, at start
-                probe_step = step
+                probe.hold(step, collapse_probe(pred, target, mask.ids_masked))  # step 0: the teacher's, at start
             backward_and_step(run.engine, run.guard, window, loss, (micro_step + 1) % rt.accum_steps == 0)
             micro_step += 1
             if micro_step % rt.accum_steps:
@@ -206,8 +205,7 @@ def pretrain(cfg: Config, rt: Runtime, run: Pretraining, step: int, skipped_step
             step += 1
             run.guard.end_step()
             metrics.advance()
-            if window.due(step) and not log_window(cfg, step, lr, epoch, window, run.guard, diversity, metrics,
-                                                   run.alarm, probe_step):
+            if window.due(step) and not log_window(cfg, step, lr, epoch, window, run.guard, probe, metrics, run.alarm):
                 metrics.close()
                 return step, 3
             if run.knn is not None and (step % cfg.eval_every == 0 or step == run.total_steps):
@@ -248,16 +246,16 @@ def set_schedule(cfg: Config, run: Pretraining, step: int) -> float:
 
 
 def log_window(cfg: Config, step: int, lr: float, epoch: int, window: LogWindow, guard: NonFiniteGuard,
-               diversity: dict, metrics: MetricsLogger, alarm: CollapseAlarm, probe_step: int) -> bool:
+               probe: PendingReading, metrics: MetricsLogger, alarm: CollapseAlarm) -> bool:
     """Log the window's metrics (the host sync of a log interval); False: stop, the loss has not
     been finite for max_nonfinite_steps steps in a row."""
     n_skipped, in_a_row = guard.read()
     row = window.close(step, n_skipped)
-    readings = {name: value.item() for name, value in diversity.items()}
+    reading = probe.take()  # {div_pred, div_target, div_step}: a probe since the last log, else {}
     metrics.log(step, {"loss": row["loss"], "lr": lr, "epoch": epoch, "img_per_s": row["img_per_s"],
-                       "skipped_steps": guard.total, **({"skipped": n_skipped} if n_skipped else {}), **readings})
-    if readings:
-        alarm.update(probe_step, readings["div_pred"], readings["div_target"])  # warns once per low window
+                       "skipped_steps": guard.total, **({"skipped": n_skipped} if n_skipped else {}), **reading})
+    if reading:
+        alarm.update(reading["div_step"], reading["div_pred"], reading["div_target"])  # warns once per low window
     if n_skipped:
         log.warning("step %d: %d step(s) skipped for a non-finite loss (%d in all)", step, n_skipped, guard.total)
     if guard.exhausted(in_a_row):
@@ -289,11 +287,13 @@ def export(cfg: Config, rt: Runtime, run: Pretraining, step: int) -> None:
         path = export_encoder(state, run.timm_kwargs, cfg.output_dir)
         plot_loss_curve(os.path.join(cfg.output_dir, "metrics.jsonl"), os.path.join(cfg.output_dir, "loss.png"))
         log.info("done: %d steps; encoder at %s; resume or extend with --max_steps N", step, path)
-        log.info("%s", run.alarm.summary())
+        log.info("%s", run.alarm.summary(step))
         if cfg.verdict_data:  # the last line: kNN top-1 of this encoder vs its own random init
             from img2vec.verdict import write_verdict
 
-            log.info("%s", write_verdict(cfg.output_dir, step, cfg.seed, cfg.verdict_data, device=rt.device).line())
+            verdict = write_verdict(cfg.output_dir, step, cfg.seed, cfg.verdict_data, device=rt.device)  # metrics.jsonl
+            add_scalars(cfg.output_dir, step, verdict.metrics())  # and TensorBoard
+            log.info("%s", verdict.line())
     dist.barrier()
 
 

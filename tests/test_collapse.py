@@ -2,8 +2,9 @@
 import logging
 
 import pytest
+import torch
 
-from img2vec.collapse import COLLAPSE_FRACTION, CollapseAlarm
+from img2vec.collapse import COLLAPSE_FRACTION, CollapseAlarm, PendingReading
 
 # (step, div_pred, div_target) readings of the embedded default at 200 steps (warm-up 16), measured
 # with the probe on the whole micro-batch of 32: the random ResNet-50 run (the old default: mask 0.75,
@@ -46,7 +47,38 @@ def test_warm_up_and_unusable_readings_are_ignored():
     assert alarm.update(25, 0.001, 0.3) is None  # inside warm-up: a student starts near-constant
     assert alarm.update(60, float("nan"), 0.3) is None
     assert alarm.update(70, 0.0, 0.0) is None  # targets with no diversity: nothing to compare
-    assert not alarm.fired and "no diversity reading" in alarm.summary()
+    assert not alarm.fired
+    assert alarm.summary() == ("collapse alarm: nothing to judge: no usable diversity reading after warm-up "
+                               "(2 not finite or with flat targets)")
+
+
+def test_a_run_whose_readings_all_came_in_warm_up_says_so_and_when_the_next_was_due():
+    """The embedded default cut to 20 steps: warm-up 16, one reading every 25 steps, at step 0 only."""
+    alarm = CollapseAlarm(warmup_steps=16, every=25)
+    alarm.update(0, 0.0791, 0.8193)
+    alarm.update(0, 0.0791, 0.8193)  # logged again: still one reading
+    assert alarm.summary(last_step=20) == ("collapse alarm: nothing to judge: the only diversity reading (step 0) "
+                                          "came by the end of warm-up (step 16), and the next (step 25) needs more "
+                                          "than this run's 20 steps")
+    alarm = CollapseAlarm(warmup_steps=60, every=25)
+    _feed(alarm, HEALTHY[:3])
+    assert alarm.summary(last_step=75) == ("collapse alarm: nothing to judge: all 3 diversity readings (steps 0-50) "
+                                          "came by the end of warm-up (step 60), and the next (step 75) needs more "
+                                          "than this run's 75 steps")
+    assert alarm.summary().endswith("came by the end of warm-up (step 60)")  # no end step: no next
+    assert CollapseAlarm(16).summary(20) == "collapse alarm: off (diversity_every = 0)"
+    assert CollapseAlarm(16, every=25).summary(20) == "collapse alarm: nothing to judge: no diversity reading"
+
+
+def test_a_held_reading_is_read_once_with_the_step_it_was_taken_at():
+    pending = PendingReading()
+    assert pending.take() == {}
+    pending.hold(0, {"div_pred": torch.tensor(0.25), "div_target": torch.tensor(0.5)})  # device scalars
+    assert pending.take() == {"div_pred": 0.25, "div_target": 0.5, "div_step": 0}
+    assert pending.take() == {}  # the next log interval: nothing new
+    pending.hold(25, {"div_pred": torch.tensor(0.125), "div_target": torch.tensor(0.5)})
+    pending.hold(50, {"div_pred": torch.tensor(0.375), "div_target": torch.tensor(0.5)})  # two before a log
+    assert pending.take() == {"div_pred": 0.375, "div_target": 0.5, "div_step": 50}
 
 
 def test_a_new_window_after_recovery_warns_again():

@@ -2,6 +2,7 @@
 legends and resume markers, the visualize colour bar's label."""
 import json
 import logging
+import os
 
 import matplotlib
 import pytest
@@ -11,6 +12,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from img2vec.metrics import MetricsLogger, append_event, loss_figure, plot_loss_curve, read_rows, restarts  # noqa: E402
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of every scalar in a TensorBoard folder's event files ({} without the folder)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not os.path.isdir(folder):
+        return {}
+    events = EventAccumulator(str(folder)).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def interval(step: int, **extra) -> dict:
@@ -35,6 +46,25 @@ def test_a_log_file_gets_one_plain_line_per_log_interval_and_the_knn_result(tmp_
     assert "step 20: knn top-1 70.89%  top-5 97.33%" in lines
     rows = read_rows(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 20] and rows[-1]["knn_top1"] == 70.8888888
+
+
+def test_a_probe_reading_is_shown_once_and_goes_to_tensorboard_at_the_step_it_was_taken(tmp_path, caplog):
+    """The collapse probe reads at step 0 and 25, and each reading is logged at the next log interval
+    (steps 5 and 30): TensorBoard puts it at its own step, the progress line names that step."""
+    caplog.set_level(logging.INFO, logger="img2vec")
+    metrics = MetricsLogger(str(tmp_path), total_steps=30, start_step=0, enabled=True, bar=False)
+    metrics.log(5, interval(5, div_pred=0.25, div_target=0.5, div_step=0))
+    metrics.log(10, interval(10))
+    metrics.log(30, interval(30, div_pred=0.375, div_target=0.75, div_step=25))
+    metrics.close()
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain step ")]
+    assert "div pred/target 0.250/0.500 (step 0)" in progress[0] and "div" not in progress[1]
+    assert "div pred/target 0.375/0.750 (step 25)" in progress[2]
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["train/div_pred"] == [(0, 0.25), (25, 0.375)]
+    assert scalars["train/div_target"] == [(0, 0.5), (25, 0.75)]
+    assert [s for s, _ in scalars["train/loss"]] == [5, 10, 30] and "train/div_step" not in scalars
+    assert [r.get("div_step") for r in read_rows(str(tmp_path / "metrics.jsonl"))] == [0, None, 25]
 
 
 def test_a_terminal_gets_the_bar_and_no_progress_lines(tmp_path, caplog):
@@ -95,6 +125,13 @@ def test_the_loss_figure_shows_diversity_knn_and_markers_with_legends():
     assert len([ax for ax in plain.axes if ax.get_ylabel() != "learning rate"]) == 1
     plt.close(plain)
     assert loss_figure([{"step": 1, "knn_top1": 5.0}], plt) is None
+
+    probed = [{"step": 5, **interval(5, div_pred=0.2, div_target=0.4, div_step=0)}, {"step": 10, **interval(10)},
+              {"step": 30, **interval(30, div_pred=0.3, div_target=0.5, div_step=25)}]
+    fig = loss_figure(probed, plt)
+    diversity = [ax for ax in fig.axes if ax.get_ylabel() == "token diversity"][0]
+    assert [list(line.get_xdata()) for line in diversity.get_lines()] == [[0, 25], [0, 25]]  # where each was taken
+    plt.close(fig)
 
 
 def test_plot_loss_curve_writes_a_png_and_skips_a_torn_last_line(tmp_path):

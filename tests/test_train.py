@@ -14,18 +14,24 @@ import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
+from test_metrics import tensorboard_scalars
 from timm.models.vision_transformer import VisionTransformer
 from train_helpers import REPO, TRAIN, checkpoint_dir, losses, shared_dir, step_tag, train, write_ds_config
 
+import img2vec.train
+import img2vec.verdict
 from dataloading import sample_dataset_dir
+from img2vec.collapse import CollapseAlarm
 from img2vec.config import Config
 from img2vec.loop import LogWindow, NonFiniteGuard
+from img2vec.metrics import read_rows
 from img2vec.train import main as train_main
 from img2vec.vit import build_student
 
@@ -130,6 +136,23 @@ def test_zero_stage_runs_a_few_steps_and_writes_every_artifact(stage, request):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(images), timm_vit.forward_features(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.e2e
+@WAITS_FOR_RUNS
+def test_the_collapse_probe_is_logged_once_under_its_step_and_the_alarm_says_why_it_judged_nothing(zero2_run):
+    # 4 steps, a log line each, warm-up 0, a probe every 25 steps: the one reading is step 0's, read at step 1.
+    run = zero2_run / "run"
+    probed = [r for r in read_rows(str(run / "metrics.jsonl")) if "div_pred" in r]
+    assert [(r["step"], r["div_step"]) for r in probed] == [(1, 0)]
+    scalars = tensorboard_scalars(run / "tensorboard")
+    assert scalars["train/div_pred"] == [(0, pytest.approx(probed[0]["div_pred"]))]
+    lines = (zero2_run / "train.stderr").read_text().splitlines()
+    shown = [line for line in lines if "pretrain step " in line and "div pred/target" in line]
+    assert len(shown) == 1 and "pretrain step 1/4" in shown[0] and "(step 0)" in shown[0], shown  # new once
+    summary = [line.split("img2vec: ", 1)[1] for line in lines if "img2vec: collapse alarm" in line]
+    assert summary == ["collapse alarm: nothing to judge: the only diversity reading (step 0) came by the end of "
+                       "warm-up (step 0), and the next (step 25) needs more than this run's 4 steps"]
 
 
 @pytest.mark.e2e
@@ -338,3 +361,18 @@ def test_guard_skips_counts_and_reports_a_streak_and_the_window_averages_kept_lo
     guard.arm()
     guard.end_step()
     assert guard.read() == (0, 0) and not guard.exhausted(0)  # a finite step ends the streak
+
+
+def test_the_verdict_goes_to_tensorboard_as_well_as_metrics_jsonl(process_group, tmp_path, monkeypatch):
+    """export() at the end of a run, with the checkpoint, the encoder export and the kNN stubbed."""
+    monkeypatch.setattr(img2vec.train, "load_fp32_state_dict", lambda path, frozen: {})
+    monkeypatch.setattr(img2vec.train, "export_encoder", lambda state, kwargs, out: f"{out}/encoder.safetensors")
+    monkeypatch.setattr(img2vec.verdict, "run_verdict", lambda *a, **k: img2vec.verdict.Verdict(61.5, 50.0, "photos"))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 0.5, "lr": 1e-4}) + "\n")
+    run = SimpleNamespace(last_checkpoint=None, frozen={}, timm_kwargs={}, alarm=CollapseAlarm(0))
+    img2vec.train.export(Config(output_dir=str(tmp_path)), SimpleNamespace(rank=0, device=torch.device("cpu")), run, 7)
+    assert read_rows(str(tmp_path / "metrics.jsonl"))[-1] == {"step": 7, "verdict_knn_top1": 61.5,
+                                                              "verdict_knn_top1_random_init": 50.0}
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["train/verdict_knn_top1"] == [(7, 61.5)]
+    assert scalars["train/verdict_knn_top1_random_init"] == [(7, 50.0)]
