@@ -181,20 +181,25 @@ class ImageDataset(Dataset):
             self.num_skipped += 1
             raise BadImage(str(err)) from None
 
-    def load(self, index: int) -> tuple[torch.Tensor, int, list[Skip]]:
-        """(image (3, H, W) float32 normalized, index of the file decoded, files skipped on the way)."""
+    def load_image(self, index: int) -> tuple[Image.Image, int, list[Skip]]:
+        """(RGB image, index of the file decoded, files skipped on the way): file `index`, else the next usable one.
+
+        The decode step of `load` without the augmentation, for a caller with its own transform.
+        """
         skipped: list[Skip] = []
         for offset in range(len(self)):
             source = (index + offset) % len(self)  # deterministic substitute: the next file
             try:
-                image = self._decode(source)
-                break
+                return self._decode(source), source, skipped
             except BadImage as err:
                 log.debug("skipping %s: %s", self.source.names[source], err)
                 skipped.append((self.source.names[source], str(err)))
-        else:
-            raise DataError(f"none of the {len(self)} images could be decoded; "
-                            "run python -m dataloading.verify --full on the data")
+        raise DataError(f"none of the {len(self)} images could be decoded; "
+                        "run python -m dataloading.verify --full on the data")
+
+    def load(self, index: int) -> tuple[torch.Tensor, int, list[Skip]]:
+        """(image (3, H, W) float32 normalized, index of the file decoded, files skipped on the way)."""
+        image, source, skipped = self.load_image(index)
         # Seeded by the requested index, so a substitute gets the crop the missing sample would have.
         top, left, h, w, flip = augment_params(image.height, image.width, self.seed, self.epoch, index,
                                                self.augment, self.scale, self.ratio)

@@ -3,7 +3,8 @@
     python -m img2vec.diversity --teacher hog --teacher pixels --teacher resnet50 --teacher_stage 3 \\
         --teacher_weights r50.pth --teacher vit_small_patch16_224 --teacher_stage 8 --num_images 256
 
-Teachers: the weight-free `pixels` and `hog` (img2vec/hog.py) or any timm model name.
+Teachers: the weight-free `pixels` and `hog` (img2vec/hog.py) or any timm model name. Unreadable
+images are skipped as pretraining skips them (named once in the log) and counted in the report.
 """
 import argparse
 import json
@@ -89,34 +90,50 @@ def _default_stage(name: str, patch_size: int) -> int:
     return max([i for i, s in enumerate(strides) if s <= patch_size] or [0])
 
 
+def data_root(data: str) -> str:
+    """The data set to read: `data`, or the bundled sample images when it is ''."""
+    from dataloading import sample_dataset_dir
+
+    return data or str(sample_dataset_dir())
+
+
+def image_subset(total: int, count: int, seed: int, root: str) -> list[int]:
+    """Indices of `count` of the `total` images under root: a seeded subset, in file order."""
+    if count < total:
+        return np.sort(np.random.default_rng(seed).choice(total, count, replace=False)).tolist()
+    if count > total:
+        log.warning("--num_images %d but %s holds %d images: using all of them", count, root, total)
+    return list(range(total))
+
+
 def list_images(data: str, count: int, seed: int) -> list:
     """`count` image paths of an ImageFolder tree or file list: a seeded subset, in file order."""
-    from dataloading import ImageDataset, sample_dataset_dir
+    from dataloading import ImageDataset
 
-    root = data or str(sample_dataset_dir())
+    root = data_root(data)
     paths = ImageDataset(root, image_size=8).paths  # listing only: the augmentation is not used
-    if count < len(paths):
-        keep = np.sort(np.random.default_rng(seed).choice(len(paths), count, replace=False))
-        paths = [paths[i] for i in keep]
-    elif count > len(paths):
-        log.warning("--num_images %d but %s holds %d images: using all of them", count, root, len(paths))
-    return paths
+    return [paths[i] for i in image_subset(len(paths), count, seed, root)]
 
 
-def load_center_crop(path, image_size: int) -> torch.Tensor:
-    """Deterministic eval view: short side resized to image_size (bicubic), center crop, ImageNet
-    normalization as in training. Returns (3, image_size, image_size) fp32."""
+def center_crop(image, image_size: int) -> torch.Tensor:
+    """Deterministic eval view of an RGB PIL image: short side resized to image_size (bicubic), center
+    crop, ImageNet normalization as in training. Returns (3, image_size, image_size) fp32."""
     import torchvision.transforms.functional as TF
-    from PIL import Image
     from torchvision.transforms import InterpolationMode
 
     from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
 
+    image = TF.resize(image, image_size, InterpolationMode.BICUBIC)
+    image = TF.center_crop(image, [image_size, image_size])
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def load_center_crop(path, image_size: int) -> torch.Tensor:
+    """`center_crop` of the image file at `path`: (3, image_size, image_size) fp32."""
+    from PIL import Image
+
     with Image.open(path) as im:
-        im = im.convert("RGB")
-    im = TF.resize(im, image_size, InterpolationMode.BICUBIC)
-    im = TF.center_crop(im, [image_size, image_size])
-    return TF.normalize(TF.to_tensor(im), IMAGENET_MEAN, IMAGENET_STD)
+        return center_crop(im.convert("RGB"), image_size)
 
 
 def _resampling(kind: str, stride: int, patch: int) -> str:
@@ -127,8 +144,15 @@ def _resampling(kind: str, stride: int, patch: int) -> str:
 
 def measure(args: argparse.Namespace) -> dict:
     """Run every teacher/stage on the same images; return the JSON-able report (rows ranked)."""
-    from tqdm import tqdm
+    from functools import partial
 
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm  # a log line between bar updates gets a line of its own
+
+    from dataloading.datasets import SkipLog
+    from dataloading.sources import DataError
+    from img2vec.eval.common import ReadableImages, collate_readable, readable_batches
     from img2vec.teacher import build_teacher
 
     device = torch.device(args.device)
@@ -137,20 +161,30 @@ def measure(args: argparse.Namespace) -> dict:
     for e in args.entries:
         weights = "none" if e["teacher"] in WEIGHT_FREE_TEACHERS and not e["weights"] else e["weights"] or "random"
         for stage in e["stages"] or [_default_stage(e["teacher"], args.patch_size)]:
-            t = build_teacher(e["teacher"], stage, weights, args.patch_size, args.image_size, seed=args.seed)
+            # Only weights the user passed: build_teacher warns that a weight-free teacher ignores them.
+            t = build_teacher(e["teacher"], stage, e["weights"] or "", args.patch_size, args.image_size,
+                              seed=args.seed)
             teachers.append((e["teacher"], weights, t.to(device)))
-    paths = list_images(args.data_path, args.num_images, args.seed)
+    root = data_root(args.data_path)
+    files = ReadableImages(root, partial(center_crop, image_size=args.image_size))  # unreadable files left out
+    chosen = image_subset(len(files), args.num_images, args.seed, root)
+    loader = DataLoader(Subset(files, chosen), args.batch_size, num_workers=0, collate_fn=collate_readable)
+    skips = SkipLog()  # each unreadable file named once in the log (logger img2vec.data)
     per_image = [{"diversity": [], "effective_rank": []} for _ in teachers]
+    used = 0  # images measured: the chosen ones that could be read
     start = time.perf_counter()
-    with tqdm(total=len(paths), unit="img", desc="token diversity", file=sys.stderr) as bar:
-        for b0 in range(0, len(paths), args.batch_size):
-            batch = paths[b0:b0 + args.batch_size]
-            images = torch.stack([load_center_crop(p, args.image_size) for p in batch]).to(device)
+    with logging_redirect_tqdm(), tqdm(total=len(chosen), unit="img", desc="token diversity", file=sys.stderr) as bar:
+        for images, _ in readable_batches(loader, skips):
+            images = images.to(device)  # (B, 3, S, S)
             for (_, _, t), acc in zip(teachers, per_image):
                 feats = t(images)  # (B, N, C) fp32 on the student grid
                 acc["diversity"] += token_diversity(feats, reduction="none").tolist()
                 acc["effective_rank"] += effective_rank(feats, reduction="none").tolist()
-            bar.update(len(batch))
+            used += len(images)
+            bar.update(len(images))
+    if not used:
+        raise DataError(f"none of the {len(chosen)} images chosen from {root} is readable; "
+                        f"python -m dataloading.verify --full {root} says why")
     rows = []
     for (name, weights, t), acc in zip(teachers, per_image):
         d, r = np.asarray(acc["diversity"]), np.asarray(acc["effective_rank"])
@@ -168,7 +202,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "definition": "diversity = 1 - mean_{i!=j} cos(f_i, f_j) over an image's tokens, mean over "
                       "images, range [0, 2]; effective_rank = exp(entropy of normalized singular values)",
-        "data": args.data_path or "bundled sample images", "images": len(paths),
+        "data": args.data_path or "bundled sample images", "images": used, "skipped": len(chosen) - used,
         "image_size": args.image_size, "patch_size": args.patch_size, "grid": [g, g],
         "seconds": round(time.perf_counter() - start, 1), "results": rows,
     }
@@ -187,7 +221,8 @@ def format_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     g = report["grid"]
-    title = (f"token diversity on {report['images']} images ({report['data']}), "
+    skipped = f", {report['skipped']} unreadable skipped" if report.get("skipped") else ""
+    title = (f"token diversity on {report['images']} images ({report['data']}{skipped}), "
              f"{report['image_size']} px, patch {report['patch_size']} -> {g[0]}x{g[1]} tokens")
     return "\n".join([title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
 

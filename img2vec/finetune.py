@@ -18,7 +18,9 @@ seeded random init: the baseline.
 
 Runs like pretraining: one run per folder (img2vec/run_lock.py), checkpoints (img2vec/checkpoint.py),
 resume from the newest complete one, SIGTERM/SIGINT checkpoint and exit 0, the non-finite guard
-and log window of img2vec/loop.py.
+and log window of img2vec/loop.py. Unreadable images are skipped as pretraining skips them (each
+named once in the log, counted at the end): in train the next usable file takes the place of one,
+in val it is left out (img2vec.eval.common.ReadableImages).
 Resuming is bitwise: each image's augmentation is seeded by (seed, epoch, index), and the
 batch order by (seed, epoch). With no output_dir the run goes to <encoder's run>/finetune
 (`_<tag>` for a checkpoint folder, `_random` for --init random), never to a shared folder.
@@ -52,7 +54,7 @@ from img2vec.checkpoint import (ARCHITECTURE_KEYS, consolidated_fp32_state_dict,
                                 resume_checkpoint, save_checkpoint, step_tag)
 from img2vec.config import ConfigError, FinetuneConfig
 from img2vec.distributed import agree_any
-from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step, log_window
+from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step, log_window, report_skipped_files
 from img2vec.metrics import MetricsLogger, append_event, keep_metrics_until
 from img2vec.optim import cosine_schedule
 from img2vec.run_lock import lock_run_dir
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         step, result, exit_code = finetune(cfg, rt, run, state)
         if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
             return exit_code
+        report_skipped_files(run.skips.items(), rt.rank, cfg.data_path)  # train and val
         save_classifier(cfg, rt.rank, step, run, result)
     except Exception as e:
         return report_user_error(e)  # a mistake the user can fix: one line, exit 2; a bug re-raises
@@ -105,9 +108,9 @@ def with_output_dir(cfg: FinetuneConfig) -> FinetuneConfig:
 
 
 def class_names(data_path: str) -> list[str]:
-    from img2vec.eval.common import image_folder
+    from img2vec.eval.common import labeled_split
 
-    train, val = (image_folder(os.path.join(data_path, s), None).classes for s in ("train", "val"))
+    train, val = (labeled_split(os.path.join(data_path, s), None).classes for s in ("train", "val"))
     if train != val:
         raise ConfigError(f"train and val class folders differ in {data_path}")
     return train
@@ -138,9 +141,10 @@ class Finetuning:
     engine: object  # the DeepSpeed engine around the classifier
     optimizer: torch.optim.Optimizer  # as DeepSpeed wrapped it (param_groups carry lr_scale)
     guard: NonFiniteGuard
-    loader: object  # DataLoader over SeededSamples; batches: images (B, 3, H, W), labels (B,)
+    loader: object  # DataLoader over SeededSamples; batches: images (B, 3, H, W), labels (B,), files skipped
     sampler: "ResumableSampler"
-    val_set: object
+    val_set: object  # ReadableImages of the val split (unreadable files left out)
+    skips: object  # dataloading's SkipLog: the unreadable files met so far, each logged once
     mixup: object  # timm Mixup or None
     criterion: nn.Module
     steps_per_epoch: int
@@ -156,17 +160,19 @@ def build_finetuning(cfg: FinetuneConfig, rt: Runtime, classes: list[str]) -> Fi
     """Model, data, optimizer and engine."""
     from torch.utils.data import DataLoader
 
-    from img2vec.eval.common import eval_transform, image_folder, load_encoder_state
+    from dataloading.datasets import SkipLog
+    from img2vec.eval.common import collate_readable, eval_transform, labeled_split, load_encoder_state
 
     state, timm_kwargs = load_encoder_state(cfg.encoder, cfg.trust_checkpoint)
     model, kwargs = build_classifier(state, timm_kwargs, len(classes), cfg.pool, cfg.drop_path, cfg.init, cfg.seed)
     image_size = kwargs["img_size"]
-    train_set = SeededSamples(image_folder(os.path.join(cfg.data_path, "train"), train_transform(cfg, image_size)),
-                              cfg.seed)
-    val_set = image_folder(os.path.join(cfg.data_path, "val"), eval_transform(image_size))
+    train_set = SeededSamples(labeled_split(os.path.join(cfg.data_path, "train"), train_transform(cfg, image_size),
+                                            substitute=True), cfg.seed)
+    val_set = labeled_split(os.path.join(cfg.data_path, "val"), eval_transform(image_size))
     sampler = ResumableSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_set, rt.micro_batch, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-                        pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+                        collate_fn=collate_readable, pin_memory=rt.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = len(loader) // rt.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} train images make no optimizer step of {rt.global_batch} images: "
@@ -185,7 +191,7 @@ def build_finetuning(cfg: FinetuneConfig, rt: Runtime, classes: list[str]) -> Fi
              "%.2f, augment %s, mixup %s; %s, %d steps, peak lr %.2e", cfg.encoder, cfg.init, len(classes),
              len(train_set), len(val_set), cfg.pool, cfg.drop_path, cfg.layer_decay, cfg.auto_augment or "off",
              "on" if mixup else "off", rt.log_line(), total_steps, peak_lr)
-    return Finetuning(engine, optimizer, guard, loader, sampler, val_set, mixup, criterion, steps_per_epoch,
+    return Finetuning(engine, optimizer, guard, loader, sampler, val_set, SkipLog(), mixup, criterion, steps_per_epoch,
                       total_steps, int(cfg.warmup_epochs * steps_per_epoch), peak_lr, kwargs, classes,
                       {**cfg.to_dict(), **arch})
 
@@ -367,7 +373,8 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> 
         epoch, offset = divmod(step, run.steps_per_epoch)
         run.sampler.set_epoch(epoch, offset * rt.accum_steps * rt.micro_batch)
         micro_step = 0
-        for images, labels in run.loader:
+        for images, labels, skipped in run.loader:  # (B, 3, H, W), (B,); a skipped file's place taken by the next
+            run.skips.add(skipped)
             images, labels = images.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True)
             target = labels
             if run.mixup is not None:
@@ -390,7 +397,7 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> 
                 return step, result, 3
             epoch_done = step % run.steps_per_epoch == 0 or step == run.total_steps
             if epoch_done:  # before the checkpoint: a run resumed from it never misses this evaluation
-                result = evaluate(run.engine.module, run.val_set, rt, cfg.seed)
+                result = evaluate(run.engine.module, run.val_set, rt, cfg.seed, run.skips)
                 metrics.log(step, {"epoch": epoch + 1, **result})
                 log.info("epoch %d: val top1 %.2f%%, top5 %.2f%%", epoch + 1, result["top1"], result["top5"])
             stopping = stop.requested
@@ -411,16 +418,20 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_set, rt: Runtime, seed: int) -> dict[str, float]:
+def evaluate(model: nn.Module, val_set, rt: Runtime, seed: int, skips) -> dict[str, float]:
     """Top-1/top-5 over the whole val split: rank r scores images r, r + W, ...; counts all-reduced.
-    The loader draws from its own generator: an evaluation leaves the training RNGs untouched."""
+    Unreadable files are left out (and go to `skips`, a SkipLog). The loader draws from its own
+    generator: an evaluation leaves the training RNGs untouched."""
     from torch.utils.data import DataLoader, Subset
+
+    from img2vec.eval.common import collate_readable, readable_batches
 
     model.eval()
     counts = torch.zeros(3, device=rt.device, dtype=torch.float64)  # top1 hits, top5 hits, images
     shard = Subset(val_set, list(range(rt.rank, len(val_set), rt.world_size)))
-    loader = DataLoader(shard, rt.micro_batch, num_workers=0, generator=torch.Generator().manual_seed(seed))
-    for images, labels in loader:
+    loader = DataLoader(shard, rt.micro_batch, num_workers=0, collate_fn=collate_readable,
+                        generator=torch.Generator().manual_seed(seed))
+    for images, labels in readable_batches(loader, skips):
         logits = model(images.to(rt.device, rt.dtype)).float()  # (B, classes)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()  # (B, 5)
         hits = top5 == labels.unsqueeze(1)

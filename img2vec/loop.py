@@ -1,5 +1,5 @@
 """The step-loop helpers pretraining and fine-tuning share: the non-finite guard, the guarded
-backward + step of one micro-step, and the log window.
+backward + step of one micro-step, the log window, and the end-of-run count of unreadable files.
 
 Both keep their counters on the device and read them only at log intervals: the loop never
 waits for the GPU between steps (nanoGPT's rule; MAE's per-step `loss.item()` is what we avoid).
@@ -130,3 +130,14 @@ def log_window(step: int, window: LogWindow, guard: NonFiniteGuard, metrics, ext
                   os.path.join(output_dir, "checkpoints"))
         return False
     return True
+
+
+def report_skipped_files(skipped_files: list[tuple[str, str]], rank: int, data_path: str) -> None:
+    """One warning at the end of a run: how many unreadable files this rank skipped, the first one
+    and its reason, and the command that lists them all. skipped_files: (file, reason) pairs."""
+    from dataloading.sources import escape_name  # a newline in a file name must not forge a log line
+
+    if skipped_files:
+        log.warning("rank %d skipped %d unreadable file(s), e.g. %s (%s); python -m dataloading.verify %s "
+                    "lists them", rank, len(skipped_files), escape_name(skipped_files[0][0]), skipped_files[0][1],
+                    data_path or "<data_path>")

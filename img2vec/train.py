@@ -29,7 +29,7 @@ from img2vec.checkpoint import (export_encoder, frozen_parameters, load_fp32_sta
 from img2vec.collapse import CollapseAlarm, PendingReading
 from img2vec.config import Config
 from img2vec.distributed import agree_any
-from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step
+from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step, report_skipped_files
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, add_scalars, append_event, keep_metrics_until, plot_loss_curve
 from img2vec.optim import cosine_schedule, set_lr_wd
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         step, exit_code = pretrain(cfg, rt, run, step, skipped_steps)
         if exit_code is not None:  # stopped by a signal (0) or by non-finite losses (3)
             return exit_code
-        report_skipped_files(run.loader, rt.rank, cfg.data_path)
+        report_skipped_files(run.loader.skipped_files(), rt.rank, cfg.data_path)
         export(cfg, rt, run, step)
     except Exception as e:
         return report_user_error(e)  # a mistake the user can fix: one line, exit 2; a bug re-raises
@@ -267,16 +267,6 @@ def log_window(cfg: Config, step: int, lr: float, epoch: int, window: LogWindow,
 
 
 # --- The end of a run -------------------------------------------------------------------------
-
-
-def report_skipped_files(loader, rank: int, data_path: str) -> None:
-    from dataloading.sources import escape_name  # a newline in a file name must not forge a log line
-
-    skipped_files = loader.skipped_files()  # (file, reason) of each unreadable image this rank skipped
-    if skipped_files:
-        log.warning("rank %d skipped %d unreadable file(s), e.g. %s (%s); python -m dataloading.verify %s "
-                    "lists them", rank, len(skipped_files), escape_name(skipped_files[0][0]), skipped_files[0][1],
-                    data_path or "<data_path>")
 
 
 def export(cfg: Config, rt: Runtime, run: Pretraining, step: int) -> None:

@@ -162,3 +162,41 @@ def test_command_help_shows_defaults(capsys):
     for option, default in (("--num_images", "256"), ("--image_size", "224"), ("--output_dir", "runs/diversity"),
                             ("--batch_size", "32")):
         assert option in text and f"(default: {default})" in text
+
+
+def test_command_skips_an_unreadable_image_names_it_once_and_counts_it(image_dir, tmp_path, capsys, caplog):
+    import logging
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(image_dir, data)
+    broken = data / "c0" / "2.jpg"
+    broken.write_bytes(broken.read_bytes()[:600])  # a JPEG cut short
+    out = tmp_path / "out"
+    args = ["--teacher", "hog", "--data_path", str(data), "--image_size", "64", "--batch_size", "2",
+            "--output_dir", str(out)]
+    with caplog.at_level(logging.WARNING, logger="img2vec.data"):
+        assert main(args) == 0
+    report = json.loads((out / "diversity.json").read_text())
+    assert (report["images"], report["skipped"]) == (5, 1)
+    assert caplog.text.count(f"skipping unreadable image {broken}: ") == 1
+    assert capsys.readouterr().out.startswith(f"token diversity on 5 images ({data}, 1 unreadable skipped), 64 px")
+
+    for path in data.glob("*/*.jpg"):  # nothing readable: one line, exit 2
+        path.write_bytes(path.read_bytes()[:600])
+    capsys.readouterr()
+    assert main(args) == 2
+
+
+def test_weight_free_teachers_warn_about_weights_only_when_some_are_passed(image_dir, tmp_path, caplog):
+    import logging
+
+    args = ["--data_path", str(image_dir), "--num_images", "2", "--image_size", "64", "--output_dir", str(tmp_path)]
+    with caplog.at_level(logging.WARNING, logger="img2vec.teacher"):
+        assert main(["--teacher", "hog", "--teacher", "pixels", *args]) == 0
+    assert "teacher_weights does not apply" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="img2vec.teacher"):
+        assert main(["--teacher", "hog", "--teacher_weights", "w.pth", *args]) == 0
+    assert caplog.text.count("teacher_weights does not apply to teacher hog (it has no weights): ignoring w.pth") == 1
+    report = json.loads((tmp_path / "diversity.json").read_text())
+    assert [r["weights"] for r in report["results"]] == ["w.pth"]

@@ -318,3 +318,68 @@ def test_eval_transform_resizes_to_256_over_224_and_center_crops():
     assert eval_transform(224)(image).shape == (3, 224, 224)
     with pytest.raises(ValueError, match="crop_pct"):
         eval_transform(224, crop_pct=0)
+
+
+# --- Unreadable images: skipped, named once and counted, as pretraining does -----------------------
+
+
+def truncate(path, keep: int = 100) -> None:
+    """Cut an image file after `keep` bytes: a header PIL opens, data it cannot decode."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("module, name", [("img2vec.eval.knn", "knn"), ("img2vec.eval.linear_probe", "linear_probe")])
+def test_eval_commands_skip_an_unreadable_image_name_it_once_and_count_it(module, name, tmp_path, capsys, caplog):
+    import importlib
+    import logging
+
+    tiny_export(tmp_path / "export")
+    tiny_image_folder(tmp_path / "data")
+    broken = tmp_path / "data" / "train" / "bright" / "1.png"
+    truncate(broken)
+    extra = ["--epochs", "2", "--warmup_epochs", "1"] if name == "linear_probe" else ["--k", "3"]
+    with caplog.at_level(logging.WARNING, logger="img2vec.data"):
+        code = importlib.import_module(module).main(["--encoder", str(tmp_path / "export"), "--data_path",
+                                                     str(tmp_path / "data"), *extra])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert caplog.text.count(f"skipping unreadable image {broken}: truncated PNG") == 1
+    assert "7 train / 6 val images, 1 unreadable file skipped (train 1, val 0))" in out.splitlines()[0]
+    result = json.loads((tmp_path / "export" / f"{name}.json").read_text())
+    assert (result["train_images"], result["train_skipped"], result["val_images"], result["val_skipped"]) == (7, 1, 6, 0)
+
+
+@pytest.mark.parametrize("module", ["img2vec.eval.knn", "img2vec.eval.linear_probe"])
+def test_eval_commands_refuse_a_split_without_a_readable_image_in_one_line(module, tmp_path, capsys):
+    import importlib
+
+    tiny_export(tmp_path / "export")
+    tiny_image_folder(tmp_path / "data")
+    for path in (tmp_path / "data" / "val").glob("*/*.png"):
+        truncate(path)
+    code = exit_code(importlib.import_module(module).main,
+                     ["--encoder", str(tmp_path / "export"), "--data_path", str(tmp_path / "data")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: no usable image in {tmp_path / 'data' / 'val'}: all 6 files are unreadable")
+
+
+def test_knn_monitor_leaves_unreadable_files_out_and_names_each_once_over_evaluations(tmp_path, caplog):
+    """The in-training monitor scores each readable file once (no substitute counted twice) and names a bad
+    file at its first evaluation only, however many follow."""
+    import logging
+
+    from img2vec.eval.knn import KnnMonitor
+
+    tiny_export(tmp_path / "export")
+    tiny_image_folder(tmp_path / "data")
+    broken = [tmp_path / "data" / "val" / "dark" / "0.png", tmp_path / "data" / "val" / "dark" / "1.png"]
+    for path in broken:  # two in a row: the second is also the first one's would-be substitute
+        truncate(path)
+    monitor = KnnMonitor(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "val"), 16, k=3)
+    encoder = load_encoder(str(tmp_path / "export"))
+    with caplog.at_level(logging.WARNING, logger="img2vec.data"):
+        first, second = monitor(encoder), monitor(encoder)
+    assert first == second
+    assert monitor.images == {"train": 8, "val": 4} and monitor.skipped == {"train": 0, "val": 2}
+    assert all(caplog.text.count(f"skipping unreadable image {path}:") == 1 for path in broken), caplog.text

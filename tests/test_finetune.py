@@ -362,19 +362,74 @@ def test_an_images_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
     any order; another epoch gives another augmentation; the caller's RNGs are left as they were."""
     from torch.utils.data import DataLoader
 
-    from img2vec.eval.common import image_folder
+    from img2vec.eval.common import collate_readable, labeled_split
     from img2vec.finetune import SeededSamples
 
     data = image_tree(tmp_path / "data", per_class=4, classes=2)
     cfg = finetune_cfg(tmp_path, config=str(REPO / "configs" / "finetune_vit_base.yaml"))
-    samples = SeededSamples(image_folder(str(data / "train"), train_transform(cfg, 32)), seed=3)
+    samples = SeededSamples(labeled_split(str(data / "train"), train_transform(cfg, 32), substitute=True), seed=3)
     keys = [(e, i) for e in (0, 1) for i in range(len(samples))]
     torch.manual_seed(0)
     before = torch.rand(1)
     torch.manual_seed(0)
     here = [samples[k][0] for k in reversed(keys)][::-1]
     assert torch.equal(torch.rand(1), before)  # the trainer's RNG did not move
-    in_workers = [x for batch, _ in DataLoader(samples, 4, sampler=keys, num_workers=2) for x in batch]
+    in_workers = [x for batch, _, _ in DataLoader(samples, 4, sampler=keys, num_workers=2, collate_fn=collate_readable)
+                  for x in batch]
     assert all(torch.equal(a, b) for a, b in zip(here, in_workers))
     n = len(samples)
     assert not all(torch.equal(here[i], here[n + i]) for i in range(n))  # epochs differ
+
+
+# --- Unreadable images: skipped, named once and counted, as pretraining does -------------------
+
+
+def truncate(path: Path, keep: int = 300) -> None:
+    """Cut an image file after `keep` bytes: a header PIL opens, data it cannot decode."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_an_unreadable_train_image_gives_its_place_to_the_next_file_and_its_label(tmp_path, caplog):
+    """As in pretraining: the batch keeps its size, the substitute brings its own label, the skip travels
+    back from the worker and is named once."""
+    import logging
+
+    from torch.utils.data import DataLoader
+
+    from dataloading.datasets import SkipLog
+    from img2vec.eval.common import collate_readable, labeled_split
+    from img2vec.finetune import SeededSamples
+
+    data = image_tree(tmp_path / "data", per_class=4, classes=2)  # train files 0-3: class 0, 4-7: class 1
+    broken = data / "train" / "0" / "3.png"
+    truncate(broken)
+    split = labeled_split(str(data / "train"), train_transform(finetune_cfg(tmp_path), 32), substitute=True)
+    loader = DataLoader(SeededSamples(split, seed=0), 4, sampler=[(0, i) for i in range(8)], num_workers=2,
+                        collate_fn=collate_readable)
+    skips = SkipLog()
+    labels = []
+    with caplog.at_level(logging.WARNING, logger="img2vec.data"):
+        for images, batch_labels, skipped in loader:
+            skips.add(skipped)
+            assert images.shape == (4, 3, 32, 32)
+            labels += batch_labels.tolist()
+    assert labels == [0, 0, 0, 1, 1, 1, 1, 1]  # file 3's place: file 4, class 1
+    assert [name for name, _ in skips.items()] == [str(broken)]
+    assert caplog.text.count(f"skipping unreadable image {broken}: truncated PNG") == 1
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_finetune_skips_unreadable_train_and_val_images_names_each_once_and_finishes(tmp_path):
+    """Two epochs over 8 train files (every one drawn each epoch, in 2 worker processes) and 4 val files,
+    one of each unreadable: the run ends with exit 0 and its classifier, each file named once, both counted."""
+    data = image_tree(tmp_path / "data", per_class=4, classes=2)
+    broken = [data / "train" / "0" / "1.png", data / "val" / "1" / "0.png"]
+    for path in broken:
+        truncate(path)
+    out = tmp_path / "out"
+    run_finetune(tmp_path, out, "--max_steps", "4", "--num_workers", "2")  # 2 steps of 4 images an epoch
+    log = Path(f"{out}.log").read_text()
+    assert all(log.count(f"skipping unreadable image {path}: truncated PNG") == 1 for path in broken), log[-3000:]
+    assert f"rank 0 skipped 2 unreadable file(s), e.g. {broken[0]} (truncated PNG" in log, log[-3000:]
+    assert (out / "classifier.safetensors").is_file() and "top1" in json.loads((out / "classifier.json").read_text())

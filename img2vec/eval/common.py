@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import yaml
+from torch.utils.data import Dataset
 
 from img2vec.checkpoint import consolidated_fp32_state_dict, frozen_parameters, newest_complete
 from img2vec.pretrained_cfg import EVAL_CROP_PCT
@@ -166,6 +167,78 @@ def image_folder(path: str, transform):
     return ImageFolder(path, transform=transform)
 
 
+Sample = tuple[torch.Tensor | None, int, list]  # (image or None where left out, label, (name, reason) skipped)
+
+
+class ReadableImages(Dataset):
+    """The images of a data set (ImageFolder tree, file list, shards) through `transform`, unusable
+    files skipped as pretraining skips them.
+
+    dataloading's ImageDataset lists and decodes the files (the same extensions, check_image and
+    PIL decode), so a file is skipped for the same reason and named the same way as in pretraining.
+    In its place: with substitute=True (training) the next usable file, with that file's label, so a
+    batch keeps its size; with substitute=False (evaluation) nothing, so each usable file counts once.
+    dataset[i] = (transform(image) or None where file i is left out, label (-1 when unknown), the
+    (name, reason) of each unusable file met); batch with collate_readable. `classes`: the class
+    folder names in label order (empty for a file list or shards). A data set without one usable
+    image raises DataError, one line, at construction.
+    """
+
+    def __init__(self, path: str, transform=None, substitute: bool = False):
+        from dataloading.datasets import ImageDataset
+        from dataloading.sources import DataError
+
+        self.transform, self.substitute = transform, substitute
+        self.files = ImageDataset(path, image_size=1, augment=False)  # listing and decoding only: no crop
+        self.labels = self.files.labels
+        is_tree = self.files.source.kind == "folder"
+        self.classes = sorted(e.name for e in os.scandir(path) if e.is_dir()) if is_tree else []  # label order
+        try:
+            self.files.load_image(0)  # one decode; a decode of every file when none can be used
+        except DataError:
+            raise DataError(f"no usable image in {path}: all {len(self)} files are unreadable; "
+                            f"python -m dataloading.verify --full {path} says why") from None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Sample:
+        image, source, skipped = self.files.load_image(index)
+        if source != index and not self.substitute:
+            return None, -1, skipped[:1]  # file `index` itself; the others are named at their own index
+        return (self.transform(image) if self.transform else image), self.labels[source], skipped
+
+
+def labeled_split(path: str, transform, substitute: bool = False) -> ReadableImages:
+    """An ImageFolder split root/<class>/<image> as ReadableImages; one line when it is not one."""
+    from dataloading.sources import DataError
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a folder: pass an ImageFolder split (root/<class>/<image>)")
+    split = ReadableImages(path, transform, substitute)
+    if not split.classes:
+        raise DataError(f"{path} holds no class folders: pass an ImageFolder split (root/<class>/<image>)")
+    return split
+
+
+def collate_readable(samples: list[Sample]) -> tuple[torch.Tensor | None, torch.Tensor, list]:
+    """ReadableImages samples -> (images (B', 3, H, W) of the B' kept, None if none is; labels (B',);
+    every (name, reason) skipped). The DataLoader's collate_fn: skips travel back from workers in the batch."""
+    kept = [(image, label) for image, label, _ in samples if image is not None]
+    skipped = [skip for _, _, per_sample in samples for skip in per_sample]
+    images = torch.stack([image for image, _ in kept]) if kept else None  # (B', 3, H, W)
+    return images, torch.tensor([label for _, label in kept], dtype=torch.long), skipped
+
+
+def readable_batches(loader, skips):
+    """(images (B, 3, H, W), labels (B,)) of each batch of a collate_readable loader that kept an image;
+    the skipped files go to `skips` (dataloading's SkipLog: each named once in the log)."""
+    for images, labels, skipped in loader:
+        skips.add(skipped)
+        if images is not None:
+            yield images, labels
+
+
 def split_dirs(data: str | None, train: str | None, val: str | None) -> tuple[str, str]:
     """--data ROOT means ROOT/train and ROOT/val; --train/--val name the splits directly."""
     train = train or (os.path.join(data, "train") if data else None)
@@ -178,7 +251,8 @@ def split_dirs(data: str | None, train: str | None, val: str | None) -> tuple[st
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader, pool: str, device: torch.device,
                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen-encoder features of a whole split: (n, D) fp32 on CPU, labels (n,) int64."""
+    """Frozen-encoder features of a whole split: (n, D) fp32 on CPU, labels (n,) int64.
+    loader: batches (images (B, 3, H, W), labels (B,)); for ReadableImages, readable_batches(...)."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
@@ -187,4 +261,6 @@ def extract_features(encoder: nn.Module, loader, pool: str, device: torch.device
         feats.append(pool_tokens(tokens, pool).float().cpu())
         labels.append(targets)
     encoder.train(was_training)
+    if not feats:
+        raise ValueError("no image to extract features from: every file of the split was left out as unreadable")
     return torch.cat(feats), torch.cat(labels)

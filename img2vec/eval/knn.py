@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder
+from dataloading.datasets import SkipLog
+from img2vec.eval.common import (POOLS, collate_readable, eval_transform, extract_features, labeled_split,
+                                 readable_batches)
 from img2vec.pretrained_cfg import EVAL_CROP_PCT
-from img2vec.eval.results import accuracy_line, eval_parser, open_encoder_and_splits, publish, rounded
+from img2vec.eval.results import accuracy_line, eval_parser, images_note, open_encoder_and_splits, publish, rounded
 
 
 @torch.no_grad()
@@ -63,13 +65,15 @@ class KnnMonitor:
     Every rank must call it (under ZeRO-3 the encoder's forward gathers parameters, a
     collective); each rank computes the same numbers, rank 0 logs them. `max_train` /
     `max_val` take the first images of a fixed shuffle, so the subset never changes.
+    Unreadable files are left out and named once in the log (logger img2vec.data); after an
+    evaluation, `images` and `skipped` hold {"train": n, "val": n}: the files scored and left out.
     """
 
     def __init__(self, train_dir: str, val_dir: str, image_size: int, pool: str = "cls", k: int = 20,
                  temperature: float = 0.07, batch_size: int = 256, max_train: int = 0, max_val: int = 0,
                  seed: int = 0, crop_pct: float = EVAL_CROP_PCT):
         transform = eval_transform(image_size, crop_pct)
-        train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
+        train, val = labeled_split(train_dir, transform), labeled_split(val_dir, transform)
         if train.classes != val.classes:
             raise ValueError(f"train and val class folders differ: {train.classes} vs {val.classes}")
         g = torch.Generator().manual_seed(seed)
@@ -77,6 +81,8 @@ class KnnMonitor:
         self.val = Subset(val, torch.randperm(len(val), generator=g)[:max_val or None].tolist())
         self.num_classes, self.pool, self.k, self.temperature = len(train.classes), pool, k, temperature
         self.batch_size = batch_size
+        self.skips = SkipLog()  # kept across calls: an unreadable file is named once, not at every evaluation
+        self.images, self.skipped = {"train": 0, "val": 0}, {"train": 0, "val": 0}
 
     def __call__(self, encoder: torch.nn.Module, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
@@ -87,9 +93,13 @@ class KnnMonitor:
                  dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """{"top1", "top5"} in percent, the names every evaluation's result uses."""
         device = torch.device(device)
-        loaders = [DataLoader(split, self.batch_size, shuffle=False, num_workers=0) for split in (self.train, self.val)]
-        (train_x, train_y), (val_x, val_y) = (extract_features(encoder, l, self.pool, device, dtype) for l in loaders)
-        return knn_accuracy(train_x, train_y, val_x, val_y, self.num_classes, self.k, self.temperature)
+        features = {}
+        for name, split in (("train", self.train), ("val", self.val)):
+            loader = DataLoader(split, self.batch_size, shuffle=False, num_workers=0, collate_fn=collate_readable)
+            features[name] = extract_features(encoder, readable_batches(loader, self.skips), self.pool, device, dtype)
+            self.images[name] = len(features[name][1])
+            self.skipped[name] = len(split) - self.images[name]  # every file is scored or left out
+        return knn_accuracy(*features["train"], *features["val"], self.num_classes, self.k, self.temperature)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     result = monitor.evaluate(encoder.to(device), device)
     label = "knn" if args.init == "pretrained" else "knn (random init)"
     print(f"{accuracy_line(label, result)}  (k {args.k}, pool {args.pool}; "
-          f"{len(monitor.train)} train / {len(monitor.val)} val images)")
+          f"{images_note(monitor.images, monitor.skipped)})")
     return publish(args, "knn", {"eval": "knn", **rounded(result), "train": os.path.abspath(train_dir),
-                                 "val": os.path.abspath(val_dir), "train_images": len(monitor.train),
-                                 "val_images": len(monitor.val), "k": args.k, "temperature": args.temperature,
-                                 "pool": args.pool})
+                                 "val": os.path.abspath(val_dir), "train_images": monitor.images["train"],
+                                 "val_images": monitor.images["val"], "train_skipped": monitor.skipped["train"],
+                                 "val_skipped": monitor.skipped["val"], "k": args.k,
+                                 "temperature": args.temperature, "pool": args.pool})
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from img2vec.eval.common import POOLS, eval_transform, extract_features, image_folder
+from dataloading.datasets import SkipLog
+from img2vec.eval.common import (POOLS, collate_readable, eval_transform, extract_features, labeled_split,
+                                 readable_batches)
 from img2vec.eval.knn import topk_accuracy
-from img2vec.eval.results import accuracy_line, eval_parser, open_encoder_and_splits, publish, rounded
+from img2vec.eval.results import accuracy_line, eval_parser, images_note, open_encoder_and_splits, publish, rounded
 
 
 class LARS(torch.optim.Optimizer):
@@ -137,22 +139,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encoder, train_dir, val_dir = open_encoder_and_splits(args)
         transform = eval_transform(encoder.image_size, args.crop_pct)
-        train, val = image_folder(train_dir, transform), image_folder(val_dir, transform)
+        splits = {"train": labeled_split(train_dir, transform), "val": labeled_split(val_dir, transform)}
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder.to(device)
-    (train_x, train_y), (val_x, val_y) = (
-        extract_features(encoder, DataLoader(split, 256, num_workers=0), args.pool, device) for split in (train, val))
-    result = train_linear_probe(train_x, train_y, val_x, val_y, len(train.classes), args.epochs, args.batch_size,
-                                args.base_lr, args.optimizer, args.weight_decay, args.warmup_epochs, args.seed)
+    skips = SkipLog()  # an unreadable file is named once in the log (logger img2vec.data)
+    loaders = [DataLoader(split, 256, num_workers=0, collate_fn=collate_readable) for split in splits.values()]
+    (train_x, train_y), (val_x, val_y) = (extract_features(encoder, readable_batches(loader, skips), args.pool, device)
+                                          for loader in loaders)
+    result = train_linear_probe(train_x, train_y, val_x, val_y, len(splits["train"].classes), args.epochs,
+                                args.batch_size, args.base_lr, args.optimizer, args.weight_decay, args.warmup_epochs,
+                                args.seed)
+    images = {"train": len(train_y), "val": len(val_y)}
+    skipped = {name: len(split) - images[name] for name, split in splits.items()}  # each file scored or skipped
     label = "linear probe" if args.init == "pretrained" else "linear probe (random init)"
     print(f"{accuracy_line(label, result)}  (train top-1 {result['train_top1']:.2f}%; pool {args.pool}, "
-          f"{args.optimizer}, {args.epochs} epochs; {len(train)} train / {len(val)} val images)")
+          f"{args.optimizer}, {args.epochs} epochs; {images_note(images, skipped)})")
     return publish(args, "linear_probe", {
         "eval": "linear_probe", **rounded(result), "train": os.path.abspath(train_dir), "val": os.path.abspath(val_dir),
-        "train_images": len(train), "val_images": len(val), "pool": args.pool, "optimizer": args.optimizer,
+        "train_images": images["train"], "val_images": images["val"], "train_skipped": skipped["train"],
+        "val_skipped": skipped["val"], "pool": args.pool, "optimizer": args.optimizer,
         "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "batch_size": args.batch_size,
         "base_lr": args.base_lr, "weight_decay": args.weight_decay})
 

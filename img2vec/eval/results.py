@@ -50,6 +50,16 @@ def accuracy_line(label: str, result: dict) -> str:
     return line + (f"  top-5 {result[TOP5]:.2f}%" if TOP5 in result else "")
 
 
+def images_note(images: dict[str, int], skipped: dict[str, int]) -> str:
+    """'1347 train / 450 val images', then ', 1 unreadable file skipped (train 1, val 0)' when any was."""
+    note = f"{images['train']} train / {images['val']} val images"
+    if not any(skipped.values()):
+        return note
+    total = sum(skipped.values())
+    return (f"{note}, {total} unreadable file{'s' if total > 1 else ''} skipped "
+            f"(train {skipped['train']}, val {skipped['val']})")
+
+
 def rounded(result: dict, digits: int = 4) -> dict:
     """Floats rounded for the JSON file (percent of at most a few 100k images needs no more)."""
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in result.items()}
