@@ -65,6 +65,15 @@ def cosine_schedule(step: int, total_steps: int, warmup_steps: int, peak: float,
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def warmup_outlasts_run(total_steps: int, warmup_steps: int, peak: float) -> str | None:
+    """A warning line when the warm-up is longer than the run, so the LR never reaches `peak`; else None."""
+    if warmup_steps <= total_steps:
+        return None
+    top = cosine_schedule(total_steps - 1, total_steps, warmup_steps, peak, 0.0)
+    return (f"the LR warm-up ({warmup_steps} steps) is longer than the run ({total_steps} steps): the LR stops at "
+            f"{top:.2e}, short of its peak {peak:.2e}; lower warmup_epochs or run more steps")
+
+
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

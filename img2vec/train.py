@@ -32,7 +32,7 @@ from img2vec.distributed import agree_any
 from img2vec.loop import LogWindow, NonFiniteGuard, backward_and_step, report_skipped_files
 from img2vec.masking import mask_noise, random_masking
 from img2vec.metrics import MetricsLogger, add_scalars, append_event, keep_metrics_until, plot_loss_curve
-from img2vec.optim import cosine_schedule, set_lr_wd
+from img2vec.optim import cosine_schedule, set_lr_wd, warmup_outlasts_run
 from img2vec.run_lock import lock_run_dir
 from img2vec.runtime import Runtime, end_start_up, entry_config, exit_process, report_user_error, setup_runtime
 from img2vec.signals import GracefulStop
@@ -103,6 +103,8 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
     loss_name, loss_fn = resolve_loss(cfg.loss_impl, rt.device, cfg.loss)
     student = build_student_from_config(cfg, teacher.channels, attn_impl).to(rt.device)
     peak_lr = cfg.base_lr * rt.global_batch / 256  # MAE's linear scaling rule
+    if note := warmup_outlasts_run(total_steps, warmup_steps, peak_lr):
+        log.warning("%s", note)
     optimizer = build_optimizer(student, peak_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                                 cfg.fused_optim)
     guard = NonFiniteGuard(optimizer, rt.device, rt.world_size, cfg.max_nonfinite_steps)

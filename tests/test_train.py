@@ -376,3 +376,14 @@ def test_the_verdict_goes_to_tensorboard_as_well_as_metrics_jsonl(process_group,
     scalars = tensorboard_scalars(tmp_path / "tensorboard")
     assert scalars["train/verdict_knn_top1"] == [(7, 61.5)]
     assert scalars["train/verdict_knn_top1_random_init"] == [(7, 50.0)]
+
+
+def test_a_warm_up_longer_than_the_run_is_said_with_the_lr_it_stops_at():
+    from img2vec.optim import cosine_schedule, warmup_outlasts_run
+
+    assert warmup_outlasts_run(10, 10, 1e-3) is None  # the last step reaches the peak
+    assert warmup_outlasts_run(360, 16, 1e-3) is None
+    line = warmup_outlasts_run(10, 16, 1e-3)
+    assert cosine_schedule(9, 10, 16, 1e-3, 0.0) == 1e-3 * 10 / 16
+    assert line == ("the LR warm-up (16 steps) is longer than the run (10 steps): the LR stops at 6.25e-04, short "
+                    "of its peak 1.00e-03; lower warmup_epochs or run more steps")
