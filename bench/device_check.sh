@@ -11,6 +11,8 @@
 # whole check ends inside 545 s on one H100, and the steps that failed can be rerun in the
 # same 15 minutes of device time:  DEVICE_CHECK_ONLY="bench_loss max_micro_batch" bash bench/device_check.sh
 #
+# Exit status: 0 when every step that ran is ok, 1 when any failed or timed out (the others still run).
+#
 # Results as it goes: steps write into $WORK (outside $OUT); after every step the summary
 # (bench/summarize.py) and a .tar.gz of $WORK are refreshed in $OUT, so a step killed by its
 # timeout, or the whole command killed, keeps every result before it. $OUT holds 2 files:
@@ -81,7 +83,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     [ -d /tmp/site/deepspeed ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"
   fi
 else
-  step wheels true; stamp "no wheels carried (.whl/ empty): no deepspeed"
+  step wheels true
+  if python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)"; then
+    stamp "no wheels carried (.whl/ empty): using the deepspeed installed here"
+  else
+    stamp "no wheels carried (.whl/ empty) and no deepspeed installed: the engine and ZeRO steps will fail"
+  fi
 fi
 
 # 2. versions: device, torch / triton / deepspeed, date, commit -------------------------------
@@ -141,11 +148,12 @@ bench bench_attention bench/test_bench_attention.py
 bench bench_teacher bench/test_bench_teacher.py   # batch norms folded vs run
 # data path: GPU decode and the CPU loaders in two calls (each JSON is written at its end)
 bench bench_data_gpu bench/test_bench_data.py -k "gpu"
-bench bench_data_cpu bench/test_bench_data.py -k "cpu_backends or prescan"
+bench bench_data_cpu bench/test_bench_data.py -k "cpu_backends or verify_scan"
 
 # 5. ViT-H largest micro-batch (ZeRO-3 + grad ckpt, one GPU) ----------------------------------
 if [ $DRY = 1 ]; then
-  step max_micro_batch python3 bench/max_micro_batch.py --dry-run --json "$WORK/max_micro_batch.json"
+  step max_micro_batch python3 bench/max_micro_batch.py --dry-run --budget-s 25 --probe-timeout-s 25 \
+    --json "$WORK/max_micro_batch.json"
 else
   step max_micro_batch python3 bench/max_micro_batch.py --model vit_huge --budget-s 40 --probe-timeout-s 30 \
     --json "$WORK/max_micro_batch.json"
@@ -159,3 +167,7 @@ trap - EXIT
 publish
 cat "$WORK/summary.log"
 stamp "done: $OUT/device_check.json and $OUT/logs.tar.gz ($(ls "$OUT" | wc -l) files in \$OUT)"
+not_ok=$(grep -v '"status": "ok"' "$WORK/steps.jsonl" | sed 's/.*"step": "\([^"]*\)".*"status": "\([^"]*\)".*/\1 (\2)/' | tr '\n' ' ')
+if [ -n "$not_ok" ]; then
+  stamp "steps not ok: $not_ok-> exit 1 (every result before and after them is kept)"; exit 1
+fi

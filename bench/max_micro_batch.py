@@ -103,6 +103,9 @@ def run_probe(args, B: int) -> dict:
     out = json.loads(line[6:]) if line else {
         "micro_batch": B, "ok": False, "error": f"exit {r.returncode}: " + (r.stderr.strip().splitlines() or [""])[-1][:300]}
     out["probe_s"] = round(time.perf_counter() - t0, 1)
+    if out["ok"] and args.fake_limit_mib and out["peak_bytes"] > args.fake_limit_mib * 2**20:
+        out.update(ok=False, error=f"simulated out of memory: peak {out['peak_bytes'] / 2**20:.0f} MiB over "
+                                   f"--fake-limit-mib {args.fake_limit_mib:g}")
     print(f"  micro-batch {B:5d}: {'fits' if out['ok'] else 'FAILS'}"
           + (f", peak {out['peak_bytes'] / 2**30:.2f} GiB, {out['images_per_s']:.1f} img/s" if out["ok"] else
              f" ({out['error']})") + f"  [{out['probe_s']} s]", flush=True)
@@ -128,9 +131,6 @@ def search(args) -> dict:
     while time.perf_counter() < t_end and b >= 1:
         r = run_probe(args, b)
         r["estimated_bytes"] = memory.estimate(s, micro_batch=b, precision="bf16" if cuda else "fp32", **kw).total
-        if r["ok"] and args.fake_limit_mib and r["peak_bytes"] > args.fake_limit_mib * 2**20:
-            r.update(ok=False, error=f"simulated out of memory (peak over --fake-limit-mib {args.fake_limit_mib})")
-            print(f"  micro-batch {b:5d}: counted as FAILS: {r['error']}", flush=True)
         probes.append(r)
         if r["ok"]:
             fit = max(fit, b)

@@ -147,7 +147,7 @@ def summarize(work):
         ("fused_loss", lambda b: fused_loss(work, b, errors)),
         ("train_step", train_step),
         ("attention", lambda b: by_prefix(b, "test_bench_attention")),
-        ("data", lambda b: {n: e for n, e in b.items() if n.startswith(("test_gpu", "test_cpu", "test_prescan"))}),
+        ("data", lambda b: {n: e for n, e in b.items() if n.startswith(("test_gpu", "test_cpu", "test_verify_scan"))}),
         ("teacher", lambda b: by_prefix(b, "test_bench_resnet50_teacher")),
     )
     benches = _benchmarks(work, errors)
@@ -169,6 +169,11 @@ def summarize(work):
     return info
 
 
+def _f(x, fmt=".1f", unit=""):
+    """A figure for the table: rounded with its unit, or "-" where it was not measured."""
+    return f"{x:{fmt}}{unit}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
 def print_table(info):
     print(f"device {info.get('device')}  torch {info.get('torch')}  triton {info.get('triton')}  "
           f"commit {info.get('commit')}  {info.get('date')}")
@@ -176,20 +181,27 @@ def print_table(info):
         print(f"  step {name:22s} {s.get('status')}  {s.get('seconds')} s of {s.get('timeout_s')}")
     print("fused loss fwd+bwd (pct of the R*C*(2P+T) HBM bound; x eager; x torch.compile):")
     for name, r in (info.get("fused_loss") or {}).items():
-        print(f"  {name:40s} {r.get('time_us')} us  {r.get('GB/s')} GB/s  {r.get('pct_of_hbm_bound')}%  "
-              f"x{r.get('speedup_vs_eager')} eager  x{r.get('speedup_vs_compiled')} compiled  {r.get('note') or ''}")
+        print(f"  {name:48s} {_f(r.get('time_us'), unit=' us')}  {_f(r.get('GB/s'), unit=' GB/s')}  "
+              f"{_f(r.get('pct_of_hbm_bound'), unit='%')}  x{_f(r.get('speedup_vs_eager'), '.2f')} eager  "
+              f"x{_f(r.get('speedup_vs_compiled'), '.2f')} compiled  {r.get('note') or ''}")
     for name, r in (info.get("train_step") or {}).items():
-        engine = f"  engine x{r['engine_time_vs_same_compute']:.2f} time" if "engine_time_vs_same_compute" in r else ""
-        print(f"  train {name:28s} {r.get('images_per_s')} img/s  MFU {r.get('mfu_pct')}  "
-              f"x{r.get('speedup_vs_reference')} vs reference  peak {r.get('peak_memory_GiB')} GiB{engine}")
+        engine = f"  engine x{_f(r.get('engine_time_vs_same_compute'), '.2f')} time" \
+            if "engine_time_vs_same_compute" in r else ""
+        mfu = r.get("mfu_pct", r.get("mfu_vs_measured_sgemm_pct"))
+        print(f"  train {name:36s} {_f(r.get('images_per_s'), unit=' img/s')}  MFU {_f(mfu, unit='%')}  "
+              f"x{_f(r.get('speedup_vs_reference'), '.2f')} vs reference  "
+              f"peak {_f(r.get('peak_memory_GiB'), unit=' GiB')}{engine}")
     for name, r in (info.get("attention") or {}).items():
-        print(f"  attention {name:28s} {r.get('TFLOP/s')} TFLOP/s")
+        print(f"  attention {name:28s} {_f(r.get('TFLOP/s'), unit=' TFLOP/s')}")
     for name, r in (info.get("teacher") or {}).items():
-        print(f"  teacher resnet50 {name:12s} {r.get('images_per_s')} img/s  x{r.get('speedup_vs_batch_norms')}")
+        print(f"  teacher resnet50 {name:12s} {_f(r.get('images_per_s'), unit=' img/s')}  "
+              f"x{_f(r.get('speedup_vs_batch_norms'), '.2f')}")
     mmb = info.get("max_micro_batch") or {}
     if mmb:
+        peak = mmb.get("peak_bytes_at_max")
         print(f"  max micro-batch {mmb.get('model')}: {mmb.get('max_micro_batch_found')} "
-              f"(estimator {mmb.get('estimated_max_micro_batch')}), peak {mmb.get('peak_bytes_at_max')} B")
+              f"(estimator {mmb.get('estimated_max_micro_batch')}), "
+              f"peak {_f(peak / 2**30 if peak else None, '.2f', ' GiB')}")
     prof = info.get("profile") or {}
     if prof.get("phases_ms"):
         print(f"  profile {prof.get('model')} (eager): " + ", ".join(

@@ -27,7 +27,8 @@ Each finished case is also appended as one JSON line to $IMG2VEC_BENCH_JSONL whe
 device check reads it: a killed run keeps the cases before it).
 
 On CPU the Triton kernel runs in Triton's numpy interpreter: it is checked for parity and
-timed at a tiny batch, and labelled "interpreted, not a speed figure".
+timed at a tiny batch, in a group of its own ("-interpreted-B<b>"), labelled "interpreted, not a
+speed figure", with no GB/s.
 """
 import importlib
 import json
@@ -121,8 +122,8 @@ def _time_calls(call):
     return statistics.median(per_call), per_call
 
 
-def _record(benchmark, group, impl, call, info):
-    """Time `call`, fill extra_info, append the JSON line; returns seconds per call."""
+def _record(benchmark, group, impl, call, info, case):
+    """Time `call`, fill extra_info, append the JSON line named `case` (the test id); returns seconds per call."""
     def burst():
         for _ in range(N_CALLS):
             call()
@@ -141,9 +142,8 @@ def _record(benchmark, group, impl, call, info):
         info["do_bench_us"] = triton.testing.do_bench(call, warmup=10, rep=50) * 1e3  # L2 flushed per call
     bound_s, dev = _device_bound()
     info["device"] = dev
-    for key, nbytes in (("GB/s", info.get("timed_bytes")),):
-        if nbytes:
-            info[key] = nbytes / median / 1e9
+    if info.get("timed_bytes") and not info.get("interpreted"):  # no speed figure for the interpreter
+        info["GB/s"] = info["timed_bytes"] / median / 1e9
     if bound_s and info.get("bound_bytes"):
         info["pct_of_hbm_bound"] = 100 * (info["bound_bytes"] / bound_s) / median
         info["bound"] = (f"R*C*(2P+T) = {info['bound_bytes'] / 1e6:.1f} MB at {bound_s:.3g} B/s = "
@@ -159,7 +159,7 @@ def _record(benchmark, group, impl, call, info):
     path = os.environ.get("IMG2VEC_BENCH_JSONL")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"name": f"{group}-{impl}", **info}) + "\n")
+            f.write(json.dumps({"name": case, **info}) + "\n")
     return median
 
 
@@ -208,7 +208,7 @@ def test_bench_masked_feature_loss(benchmark, impl, c, layout, target_kind):
             "bound_bytes": bound, "layout_bytes": layout_bytes,
             "bytes_per_element": bound / numel}
     if interpreted:
-        info["note"] = "interpreted, not a speed figure (TRITON_INTERPRET=1 on CPU, tiny batch)"
+        info.update(interpreted=True, note="interpreted, not a speed figure (TRITON_INTERPRET=1 on CPU, tiny batch)")
 
     # parity first (this also compiles / autotunes outside the timing)
     want = _fwd_bwd(masked_feature_loss_ref, pred, target, ids)()
@@ -218,7 +218,9 @@ def test_bench_masked_feature_loss(benchmark, impl, c, layout, target_kind):
     torch.testing.assert_close(got[1].float() * numel, want[1].float() * numel, rtol=0, atol=2.0 ** -7)
     _sync()
 
-    group = f"fwd_bwd-C{c}-{layout}-{target_kind}"
+    case = f"fwd_bwd-C{c}-{layout}-{target_kind}-{impl}"  # the test id, as bench/summarize.py reads it
+    # interpreted rows in a group of their own: their times are not to be ranked against eager ones
+    group = f"fwd_bwd-C{c}-{layout}-{target_kind}" + (f"-interpreted-B{b}" if interpreted else "")
     if impl in AUTOGRAD_IMPLS:  # the op as users call it: forward + backward through autograd
         call = _fwd_bwd(AUTOGRAD_IMPLS[impl], pred, target, ids)
         info.update(what="autograd forward + backward", timed_bytes=bound,
@@ -233,7 +235,7 @@ def test_bench_masked_feature_loss(benchmark, impl, c, layout, target_kind):
             call()
             peak_extra = torch.cuda.max_memory_allocated() - base
             info["peak_extra_MB"] = peak_extra / 2 ** 20
-        _record(benchmark, group, impl, call, info)
+        _record(benchmark, group, impl, call, info, case)
         return
 
     gather = layout == "BNC"
@@ -242,7 +244,7 @@ def test_bench_masked_feature_loss(benchmark, impl, c, layout, target_kind):
         call = lambda: mfl._fwd[grid](*args, **cx)  # noqa: E731
         info.update(what="forward kernel alone (loss + stored gradient)", timed_bytes=layout_bytes -
                     (b * N * c * pred.element_size() if gather else 0), bytes_formula="R*C*(2P+T) + R*(I+4)")
-        _record(benchmark, group, impl, call, info)
+        _record(benchmark, group, impl, call, info, case)
         return
     # the backward kernel alone, grad_out != 1 (the rescale pass); grad_out == 1 is an early exit
     grad = torch.empty(pred.shape, dtype=pred.dtype, device=DEVICE)
@@ -253,4 +255,4 @@ def test_bench_masked_feature_loss(benchmark, impl, c, layout, target_kind):
                 bound_bytes=None, bytes_per_element=2 * grad.element_size())
     if CUDA:
         info["grad_out_1_us"] = _time_calls(lambda: mfl._scale_launch(grad, one))[0] * 1e6
-    _record(benchmark, group, impl, call, info)
+    _record(benchmark, group, impl, call, info, case)

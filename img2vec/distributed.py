@@ -1,6 +1,7 @@
 """Process group set-up and cross-rank agreement, for every entry point."""
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ def init_distributed() -> tuple[int, int, int]:
     """
     import deepspeed
 
+    # DeepSpeed's ZeRO calls torch.distributed collectives that torch marks deprecated: a FutureWarning
+    # per call site and process, about code the user cannot change (pytest.ini filters the same)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))

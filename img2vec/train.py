@@ -103,7 +103,7 @@ def build_pretraining(cfg: Config, rt: Runtime) -> Pretraining:
     loss_name, loss_fn = resolve_loss(cfg.loss_impl, rt.device, cfg.loss)
     student = build_student_from_config(cfg, teacher.channels, attn_impl).to(rt.device)
     peak_lr = cfg.base_lr * rt.global_batch / 256  # MAE's linear scaling rule
-    if note := warmup_outlasts_run(total_steps, warmup_steps, peak_lr):
+    if (note := warmup_outlasts_run(total_steps, warmup_steps, peak_lr)) and rt.rank == 0:
         log.warning("%s", note)
     optimizer = build_optimizer(student, peak_lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
                                 cfg.fused_optim)
@@ -163,15 +163,15 @@ def log_changes(saved: dict, cfg: Config, run: Pretraining, step: int, accum_ste
     """Say what a resumed run changed; a new length stretches or cuts the cosine schedule.
     Returns the previous run's total steps."""
     changed = {k: (saved[k], v) for k, v in cfg.to_dict().items() if k in saved and saved[k] != v}
-    if changed:
-        log.warning("resumed with changed settings: %s",
+    if changed:  # info: rank 0 only (every rank logs warnings)
+        log.info("resumed with changed settings: %s",
                     ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     if changed.keys() & {"max_steps", "epochs", "warmup_epochs", "base_lr", "min_lr"}:
         old = Config(**{**cfg.to_dict(), **{k: a for k, (a, _) in changed.items()}})
         old_total, old_warmup = schedule_steps(old, run.loader.steps_per_epoch, accum_steps)
         old_lr = cosine_schedule(step, old_total, old_warmup, run.peak_lr * old.base_lr / cfg.base_lr, old.min_lr)
         new_lr = cosine_schedule(step, run.total_steps, run.warmup_steps, run.peak_lr, cfg.min_lr)
-        log.warning("the LR schedule changes at step %d: %d -> %d steps in all, lr here %.3g -> %.3g", step,
+        log.info("the LR schedule changes at step %d: %d -> %d steps in all, lr here %.3g -> %.3g", step,
                     old_total, run.total_steps, old_lr, new_lr)
         return old_total
     return run.total_steps

@@ -45,8 +45,11 @@ class Verdict:
         return self.pretrained - self.random_init
 
     def line(self) -> str:
-        return (f"learned: kNN top-1 {self.pretrained:.1f}% vs {self.random_init:.1f}% at random init "
-                f"({self.gain:+.1f})")
+        """The run's last line; it says "learned" only for a gain over the random init."""
+        figures = f"kNN top-1 {self.pretrained:.1f}% vs {self.random_init:.1f}% at random init ({self.gain:+.1f})"
+        if self.gain > 0:
+            return f"learned: {figures}"
+        return f"not learned: {figures}: the pretrained encoder is no better than its random init"
 
     def metrics(self) -> dict[str, float]:
         """The metrics.jsonl entries."""

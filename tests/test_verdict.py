@@ -25,7 +25,9 @@ def photo_cache(tmp_path_factory, monkeypatch):
 def test_line_and_metrics():
     v = Verdict(71.25, 58.0, "photos")
     assert v.line() == "learned: kNN top-1 71.2% vs 58.0% at random init (+13.2)"
-    assert Verdict(50.0, 55.5, "photos").line().endswith("(-5.5)")
+    assert Verdict(50.0, 55.5, "photos").line() == ("not learned: kNN top-1 50.0% vs 55.5% at random init (-5.5): "
+                                                    "the pretrained encoder is no better than its random init")
+    assert Verdict(60.0, 60.0, "photos").line().startswith("not learned: ")
     assert v.metrics() == {"verdict_knn_top1": 71.25, "verdict_knn_top1_random_init": 58.0}
 
 
