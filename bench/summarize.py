@@ -187,7 +187,7 @@ def print_table(info):
     for name, r in (info.get("train_step") or {}).items():
         engine = f"  engine x{_f(r.get('engine_time_vs_same_compute'), '.2f')} time" \
             if "engine_time_vs_same_compute" in r else ""
-        mfu = r.get("mfu_pct", r.get("mfu_vs_measured_sgemm_pct"))
+        mfu = r["mfu_pct"] if r.get("mfu_pct") is not None else r.get("mfu_vs_measured_sgemm_pct")
         print(f"  train {name:36s} {_f(r.get('images_per_s'), unit=' img/s')}  MFU {_f(mfu, unit='%')}  "
               f"x{_f(r.get('speedup_vs_reference'), '.2f')} vs reference  "
               f"peak {_f(r.get('peak_memory_GiB'), unit=' GiB')}{engine}")

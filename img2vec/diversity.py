@@ -115,25 +115,15 @@ def list_images(data: str, count: int, seed: int) -> list:
     return [paths[i] for i in image_subset(len(paths), count, seed, root)]
 
 
-def center_crop(image, image_size: int) -> torch.Tensor:
-    """Deterministic eval view of an RGB PIL image: short side resized to image_size (bicubic), center
-    crop, ImageNet normalization as in training. Returns (3, image_size, image_size) fp32."""
-    import torchvision.transforms.functional as TF
-    from torchvision.transforms import InterpolationMode
-
-    from dataloading.datasets import IMAGENET_MEAN, IMAGENET_STD
-
-    image = TF.resize(image, image_size, InterpolationMode.BICUBIC)
-    image = TF.center_crop(image, [image_size, image_size])
-    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
-
-
 def load_center_crop(path, image_size: int) -> torch.Tensor:
-    """`center_crop` of the image file at `path`: (3, image_size, image_size) fp32."""
+    """The deterministic eval view of the image file at `path` (short side to image_size, bicubic,
+    center crop, ImageNet normalization): (3, image_size, image_size) fp32."""
     from PIL import Image
 
+    from img2vec.eval.common import eval_transform
+
     with Image.open(path) as im:
-        return center_crop(im.convert("RGB"), image_size)
+        return eval_transform(image_size, crop_pct=1.0)(im.convert("RGB"))
 
 
 def _resampling(kind: str, stride: int, patch: int) -> str:
@@ -144,15 +134,13 @@ def _resampling(kind: str, stride: int, patch: int) -> str:
 
 def measure(args: argparse.Namespace) -> dict:
     """Run every teacher/stage on the same images; return the JSON-able report (rows ranked)."""
-    from functools import partial
-
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm  # a log line between bar updates gets a line of its own
 
     from dataloading.datasets import SkipLog
     from dataloading.sources import DataError
-    from img2vec.eval.common import ReadableImages, collate_readable, readable_batches
+    from img2vec.eval.common import ReadableImages, collate_readable, eval_transform, readable_batches
     from img2vec.teacher import build_teacher
 
     device = torch.device(args.device)
@@ -166,7 +154,7 @@ def measure(args: argparse.Namespace) -> dict:
                               seed=args.seed)
             teachers.append((e["teacher"], weights, t.to(device)))
     root = data_root(args.data_path)
-    files = ReadableImages(root, partial(center_crop, image_size=args.image_size))  # unreadable files left out
+    files = ReadableImages(root, eval_transform(args.image_size, crop_pct=1.0))  # unreadable files left out
     chosen = image_subset(len(files), args.num_images, args.seed, root)
     loader = DataLoader(Subset(files, chosen), args.batch_size, num_workers=0, collate_fn=collate_readable)
     skips = SkipLog()  # each unreadable file named once in the log (logger img2vec.data)

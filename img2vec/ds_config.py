@@ -38,13 +38,14 @@ def _complete_accumulation(cfg: dict, path: str, world_size: int) -> None:
                             f"train_batch_size (img2vec derives it) or make the three agree")
 
 
-def load_ds_config(path: str, world_size: int) -> dict:
+def load_ds_config(path: str, world_size: int, micro_batch: int = 0, accum_steps: int = 0) -> dict:
     """Read the DeepSpeed JSON, check it, resolve our "auto" precision, and complete the batch keys.
 
     `"bf16": {"enabled": "auto"}` means bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are
     slow on most CPUs, and fp32 keeps CPU runs bit-reproducible). The micro-batch and
     accumulation steps come from the file; train_batch_size is derived so that the three
-    keys always agree for the world size we actually run with. A file that sets
+    keys always agree for the world size we actually run with. micro_batch / accum_steps, when
+    > 0, replace the file's (the run config's batch_size / accum_iter) before that. A file that sets
     train_batch_size must agree with them, or, without gradient_accumulation_steps, gets it
     derived as DeepSpeed does (train_batch_size / (micro-batch x world size)). Every problem
     raises DsConfigError with one line (never a traceback from inside DeepSpeed).
@@ -66,6 +67,10 @@ def load_ds_config(path: str, world_size: int) -> dict:
                             f"LR schedule from its run config (base_lr, warmup_epochs, ...)")
     if "train_micro_batch_size_per_gpu" not in cfg:
         raise DsConfigError(f"{path} must set train_micro_batch_size_per_gpu (images per process per step)")
+    if micro_batch:
+        cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    if accum_steps:
+        cfg["gradient_accumulation_steps"] = accum_steps
     _positive_int(cfg, "train_micro_batch_size_per_gpu", path)
     _complete_accumulation(cfg, path, world_size)
     zero = cfg.get("zero_optimization", {})

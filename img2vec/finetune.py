@@ -420,18 +420,26 @@ def finetune(cfg: FinetuneConfig, rt: Runtime, run: Finetuning, state: dict) -> 
 @torch.no_grad()
 def evaluate(model: nn.Module, val_set, rt: Runtime, seed: int, skips) -> dict[str, float]:
     """Top-1/top-5 over the whole val split: rank r scores images r, r + W, ...; counts all-reduced.
-    Unreadable files are left out (and go to `skips`, a SkipLog). The loader draws from its own
+    Unreadable files are left out (and go to `skips`, a SkipLog). Every rank runs the same number of
+    forwards, a dummy one where its shard has no batch left or a batch has no readable image: under
+    ZeRO-3 each forward gathers the parameters from all ranks. The loader draws from its own
     generator: an evaluation leaves the training RNGs untouched."""
     from torch.utils.data import DataLoader, Subset
 
-    from img2vec.eval.common import collate_readable, readable_batches
+    from img2vec.eval.common import collate_readable
 
     model.eval()
     counts = torch.zeros(3, device=rt.device, dtype=torch.float64)  # top1 hits, top5 hits, images
     shard = Subset(val_set, list(range(rt.rank, len(val_set), rt.world_size)))
-    loader = DataLoader(shard, rt.micro_batch, num_workers=0, collate_fn=collate_readable,
-                        generator=torch.Generator().manual_seed(seed))
-    for images, labels in readable_batches(loader, skips):
+    loader = iter(DataLoader(shard, rt.micro_batch, num_workers=0, collate_fn=collate_readable,
+                             generator=torch.Generator().manual_seed(seed)))
+    forwards = math.ceil(math.ceil(len(val_set) / rt.world_size) / rt.micro_batch)  # the largest shard's
+    for _ in range(forwards):
+        images, labels, skipped = next(loader, (None, None, []))  # (B, 3, H, W), (B,); None: nothing to score
+        skips.add(skipped)
+        if images is None:
+            model(torch.zeros(1, 3, *model.patch_embed.img_size, device=rt.device, dtype=rt.dtype))
+            continue
         logits = model(images.to(rt.device, rt.dtype)).float()  # (B, classes)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()  # (B, 5)
         hits = top5 == labels.unsqueeze(1)

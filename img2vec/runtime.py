@@ -40,15 +40,10 @@ def resolve_batch(ds_config_path: str, cfg, world_size: int):
     when > 0. Returns (complete DeepSpeed config, cfg with batch_size and accum_iter resolved, so
     the saved config says what ran). A bad JSON raises ConfigError (one line)."""
     try:
-        ds_config = load_ds_config(ds_config_path, world_size)
+        ds_config = load_ds_config(ds_config_path, world_size, cfg.batch_size, cfg.accum_iter)
     except (OSError, ValueError) as e:
         raise ConfigError(" ".join(str(e).split())) from None
-    if cfg.batch_size:
-        ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    if cfg.accum_iter:
-        ds_config["gradient_accumulation_steps"] = cfg.accum_iter
     micro_batch, accum_steps = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-    ds_config["train_batch_size"] = micro_batch * accum_steps * world_size
     return ds_config, dataclasses.replace(cfg, batch_size=micro_batch, accum_iter=accum_steps)
 
 
@@ -86,7 +81,9 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rt: R
         reasons = "; ".join(f"{'.'.join(map(str, err['loc'])) or e.title}: {err['msg']}" for err in e.errors())
         raise DsConfigError(f"DeepSpeed rejected the DeepSpeed JSON ({e.title}): {reasons}") from None
     except (DeepSpeedConfigError, ZeRORuntimeException) as e:
-        raise DsConfigError(f"DeepSpeed rejected the DeepSpeed JSON: {' '.join(str(e).split())}") from None
+        hint = (" (img2vec passes its own torch AdamW: remove the offload, or set \"zero_force_ds_cpu_optimizer\": "
+                "false to offload it as it is)" if "ZeRO-Offload" in str(e) else "")
+        raise DsConfigError(f"DeepSpeed rejected the DeepSpeed JSON: {' '.join(str(e).split())}{hint}") from None
     return engine, wrapped
 
 

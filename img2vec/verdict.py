@@ -95,17 +95,22 @@ def learning_verdict(encoder: torch.nn.Module, init_encoder: torch.nn.Module, im
     """
     from torch.utils.data import DataLoader, TensorDataset
 
-    from img2vec.eval.common import eval_transform, extract_features, image_folder
+    from dataloading.datasets import SkipLog
+    from img2vec.eval.common import eval_transform, extract_features, labeled_split
     from img2vec.eval.knn import knn_accuracy
 
     train_dir, val_dir = verdict_splits(data, cache_dir)
     transform = eval_transform(image_size, crop_pct=1.0)  # the held-out crops are already squares of this size
-    splits = [image_folder(d, transform) for d in (train_dir, val_dir)]
+    splits = [labeled_split(d, transform) for d in (train_dir, val_dir)]  # unreadable files left out
     if splits[0].classes != splits[1].classes:
         raise ValueError(f"train and val class folders differ: {splits[0].classes} vs {splits[1].classes}")
-    # decode once, for both encoders: (n, 3, S, S) images and (n,) labels per split
-    tensors = [TensorDataset(*(torch.stack(t) if i == 0 else torch.tensor(t) for i, t in enumerate(zip(*split))))
-               for split in splits]
+    skips, tensors = SkipLog(), []  # each unreadable file named once in the log
+    for split in splits:  # decode once, for both encoders: (n, 3, S, S) images and (n,) labels
+        samples = [split[i] for i in range(len(split))]  # (image or None, label, files skipped)
+        skips.add([skip for _, _, skipped in samples for skip in skipped])
+        kept = [(image, label) for image, label, _ in samples if image is not None]
+        tensors.append(TensorDataset(torch.stack([image for image, _ in kept]),
+                                     torch.tensor([label for _, label in kept])))
     scores = []
     for encoder in (encoder, init_encoder):
         encoder = encoder.to(device)

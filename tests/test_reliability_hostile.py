@@ -347,6 +347,19 @@ def test_every_deepspeed_json_problem_is_one_config_error(content, expected, tmp
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
+def test_batch_overrides_are_checked_against_the_files_train_batch_size(tmp_path):
+    from img2vec.config import ConfigError
+    from img2vec.ds_config import load_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"train_micro_batch_size_per_gpu": 4, "train_batch_size": 32, "zero_optimization": {"stage": 1}}')
+    cfg = load_ds_config(str(path), 2, micro_batch=8)  # --batch_size 8: 32 = 8 x 2 processes x 2 micro-steps
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == \
+        (8, 2, 32)
+    with pytest.raises(ConfigError, match="train_batch_size 32 != micro-batch 8 x gradient_accumulation_steps 4 x 2"):
+        load_ds_config(str(path), 2, micro_batch=8, accum_steps=4)  # never a silent 64
+
+
 def test_a_train_batch_size_without_accumulation_steps_sets_them_as_deepspeed_does(tmp_path):
     from img2vec.ds_config import load_ds_config
 

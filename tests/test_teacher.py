@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from img2vec import teacher as teacher_module
-from img2vec.teacher import (CheckpointLayoutError, load_teacher_weights, resolve_teacher_stage,
+from img2vec.teacher import (CheckpointLayoutError, TeacherWeightsError, load_teacher_weights, resolve_teacher_stage,
                              validate_teacher_stage)
 
 
@@ -283,17 +283,17 @@ def test_load_errors(tmp_path, cnn3, sources):
     text = tmp_path / "notes.pth"
     text.write_text("these are not weights\n")
     msg = "could not read teacher weights .*notes.pth: .*torch.save"
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(TeacherWeightsError, match=msg):  # the user's file: one line, exit 2 at the entry points
         load_teacher_weights(cnn3, str(text))
 
     bad_st = tmp_path / "bad.safetensors"
     bad_st.write_text("nope")
-    with pytest.raises(ValueError, match="could not read teacher weights"):
+    with pytest.raises(TeacherWeightsError, match="could not read teacher weights"):
         load_teacher_weights(cnn3, str(bad_st))
 
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in sources["cnn"][2].items() if not k.startswith("layer3.")}, partial)
-    with pytest.raises(ValueError, match=r"\d+ missing keys, e\.g\. layer3\.0\."):
+    with pytest.raises(TeacherWeightsError, match=r"\d+ missing keys, e\.g\. layer3\.0\."):
         load_teacher_weights(cnn3, str(partial))
 
 
@@ -305,7 +305,7 @@ def test_load_shape_mismatch_message(tmp_path):
     torch.save({k: torch.zeros(v.shape) for k, v in sd.items() if not k.startswith(("layer3", "layer4"))}, r50)
     msg = (r"\d+ shape mismatches \(file vs model\), e\.g\. layer1\.0\.conv1\.weight "
            r"\(64, 64, 1, 1\) vs \(64, 64, 3, 3\)")
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(TeacherWeightsError, match=msg):
         Teacher("resnet18", 1, str(r50), P, 64)
 
 

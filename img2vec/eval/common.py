@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import yaml
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from img2vec.checkpoint import consolidated_fp32_state_dict, frozen_parameters, newest_complete
 from img2vec.pretrained_cfg import EVAL_CROP_PCT
@@ -226,8 +226,10 @@ def collate_readable(samples: list[Sample]) -> tuple[torch.Tensor | None, torch.
     every (name, reason) skipped). The DataLoader's collate_fn: skips travel back from workers in the batch."""
     kept = [(image, label) for image, label, _ in samples if image is not None]
     skipped = [skip for _, _, per_sample in samples for skip in per_sample]
-    images = torch.stack([image for image, _ in kept]) if kept else None  # (B', 3, H, W)
-    return images, torch.tensor([label for _, label in kept], dtype=torch.long), skipped
+    if not kept:
+        return None, torch.zeros(0, dtype=torch.long), skipped
+    images, labels = default_collate(kept)  # (B', 3, H, W), (B',); in a worker, built in shared memory
+    return images, labels, skipped
 
 
 def readable_batches(loader, skips):
