@@ -433,3 +433,34 @@ def test_finetune_skips_unreadable_train_and_val_images_names_each_once_and_fini
     assert all(log.count(f"skipping unreadable image {path}: truncated PNG") == 1 for path in broken), log[-3000:]
     assert f"rank 0 skipped 2 unreadable file(s), e.g. {broken[0]} (truncated PNG" in log, log[-3000:]
     assert (out / "classifier.safetensors").is_file() and "top1" in json.loads((out / "classifier.json").read_text())
+
+
+def test_evaluation_runs_as_many_forwards_on_every_rank_as_the_largest_shard_needs(tmp_path, monkeypatch):
+    """Under ZeRO-3 each forward gathers parameters from all ranks: a rank with a shorter shard, or
+    a batch whose files are all unreadable, must still run its forwards (on a dummy image)."""
+    import types
+
+    import torch.distributed as dist
+
+    from dataloading.datasets import SkipLog
+    from img2vec.finetune import evaluate
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = types.SimpleNamespace(img_size=(8, 8))
+            self.batches = []
+
+        def forward(self, images):  # (B, 3, 8, 8) -> (B, 2) logits: class 1 wins
+            self.batches.append(len(images))
+            return torch.tensor([[0.0, 1.0]]).expand(len(images), 2)
+
+    image = torch.zeros(3, 8, 8)
+    unreadable = (None, -1, [("bad.jpg", "truncated")])
+    val = [(image, 1, []), (image, 1, []), (image, 0, []), unreadable, (image, 1, [])]  # rank 1 holds 1 and 3
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t)  # one rank's counts stand for the sum
+    rt = types.SimpleNamespace(rank=1, world_size=2, micro_batch=1, device=torch.device("cpu"), dtype=torch.float32)
+    model, skips = Model(), SkipLog()
+    result = evaluate(model, val, rt, seed=0, skips=skips)
+    assert model.batches == [1, 1, 1]  # rank 0 has 3 images (0, 2, 4): 3 forwards here too, the last a dummy
+    assert result["top1"] == 100.0 and skips.items() == [("bad.jpg", "truncated")]
