@@ -17,7 +17,7 @@ def init_distributed() -> tuple[int, int, int]:
     import deepspeed
 
     # DeepSpeed's ZeRO calls torch.distributed collectives that torch marks deprecated: a FutureWarning
-    # per call site and process, about code the user cannot change (pytest.ini filters the same)
+    # per call site and process, about code the user cannot change (pytest.ini filters them in the tests)
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
