@@ -147,7 +147,7 @@ def measure(args: argparse.Namespace) -> dict:
     g = args.image_size // args.patch_size
     teachers = []
     for e in args.entries:
-        weights = "none" if e["teacher"] in WEIGHT_FREE_TEACHERS and not e["weights"] else e["weights"] or "random"
+        weights = "none" if e["teacher"] in WEIGHT_FREE_TEACHERS else e["weights"] or "random"  # as measured
         for stage in e["stages"] or [_default_stage(e["teacher"], args.patch_size)]:
             # Only weights the user passed: build_teacher warns that a weight-free teacher ignores them.
             t = build_teacher(e["teacher"], stage, e["weights"] or "", args.patch_size, args.image_size,

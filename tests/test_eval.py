@@ -12,7 +12,7 @@ from cli_helpers import exit_code
 from eval_helpers import PROOF_STEPS, digits_root, digits_run
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
-from train_helpers import REPO, free_port, write_ds_config
+from train_helpers import REPO, free_port, truncate, write_ds_config
 
 from img2vec.checkpoint import step_tag
 from img2vec.eval.common import find_checkpoint, load_encoder, load_encoder_state
@@ -323,11 +323,6 @@ def test_eval_transform_resizes_to_256_over_224_and_center_crops():
 # --- Unreadable images: skipped, named once and counted, as pretraining does -----------------------
 
 
-def truncate(path, keep: int = 100) -> None:
-    """Cut an image file after `keep` bytes: a header PIL opens, data it cannot decode."""
-    path.write_bytes(path.read_bytes()[:keep])
-
-
 @pytest.mark.parametrize("module, name", [("img2vec.eval.knn", "knn"), ("img2vec.eval.linear_probe", "linear_probe")])
 def test_eval_commands_skip_an_unreadable_image_name_it_once_and_count_it(module, name, tmp_path, capsys, caplog):
     import importlib
@@ -336,7 +331,7 @@ def test_eval_commands_skip_an_unreadable_image_name_it_once_and_count_it(module
     tiny_export(tmp_path / "export")
     tiny_image_folder(tmp_path / "data")
     broken = tmp_path / "data" / "train" / "bright" / "1.png"
-    truncate(broken)
+    truncate(broken, 100)
     extra = ["--epochs", "2", "--warmup_epochs", "1"] if name == "linear_probe" else ["--k", "3"]
     with caplog.at_level(logging.WARNING, logger="img2vec.data"):
         code = importlib.import_module(module).main(["--encoder", str(tmp_path / "export"), "--data_path",
@@ -356,7 +351,7 @@ def test_eval_commands_refuse_a_split_without_a_readable_image_in_one_line(modul
     tiny_export(tmp_path / "export")
     tiny_image_folder(tmp_path / "data")
     for path in (tmp_path / "data" / "val").glob("*/*.png"):
-        truncate(path)
+        truncate(path, 100)
     code = exit_code(importlib.import_module(module).main,
                      ["--encoder", str(tmp_path / "export"), "--data_path", str(tmp_path / "data")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -375,7 +370,7 @@ def test_knn_monitor_leaves_unreadable_files_out_and_names_each_once_over_evalua
     tiny_image_folder(tmp_path / "data")
     broken = [tmp_path / "data" / "val" / "dark" / "0.png", tmp_path / "data" / "val" / "dark" / "1.png"]
     for path in broken:  # two in a row: the second is also the first one's would-be substitute
-        truncate(path)
+        truncate(path, 100)
     monitor = KnnMonitor(str(tmp_path / "data" / "train"), str(tmp_path / "data" / "val"), 16, k=3)
     encoder = load_encoder(str(tmp_path / "export"))
     with caplog.at_level(logging.WARNING, logger="img2vec.data"):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
-from train_helpers import REPO, free_port, write_ds_config
+from train_helpers import REPO, free_port, truncate, write_ds_config
 
 from img2vec.checkpoint import export_encoder
 from img2vec.config import Config, ConfigError, FinetuneConfig, load_config
@@ -384,11 +384,6 @@ def test_an_images_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
 # --- Unreadable images: skipped, named once and counted, as pretraining does -------------------
 
 
-def truncate(path: Path, keep: int = 300) -> None:
-    """Cut an image file after `keep` bytes: a header PIL opens, data it cannot decode."""
-    path.write_bytes(path.read_bytes()[:keep])
-
-
 def test_an_unreadable_train_image_gives_its_place_to_the_next_file_and_its_label(tmp_path, caplog):
     """As in pretraining: the batch keeps its size, the substitute brings its own label, the skip travels
     back from the worker and is named once."""
@@ -402,7 +397,7 @@ def test_an_unreadable_train_image_gives_its_place_to_the_next_file_and_its_labe
 
     data = image_tree(tmp_path / "data", per_class=4, classes=2)  # train files 0-3: class 0, 4-7: class 1
     broken = data / "train" / "0" / "3.png"
-    truncate(broken)
+    truncate(broken, 300)
     split = labeled_split(str(data / "train"), train_transform(finetune_cfg(tmp_path), 32), substitute=True)
     loader = DataLoader(SeededSamples(split, seed=0), 4, sampler=[(0, i) for i in range(8)], num_workers=2,
                         collate_fn=collate_readable)
@@ -426,7 +421,7 @@ def test_finetune_skips_unreadable_train_and_val_images_names_each_once_and_fini
     data = image_tree(tmp_path / "data", per_class=4, classes=2)
     broken = [data / "train" / "0" / "1.png", data / "val" / "1" / "0.png"]
     for path in broken:
-        truncate(path)
+        truncate(path, 300)
     out = tmp_path / "out"
     run_finetune(tmp_path, out, "--max_steps", "4", "--num_workers", "2")  # 2 steps of 4 images an epoch
     log = Path(f"{out}.log").read_text()

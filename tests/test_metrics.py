@@ -2,7 +2,6 @@
 legends and resume markers, the visualize colour bar's label."""
 import json
 import logging
-import os
 
 import matplotlib
 import pytest
@@ -12,16 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from img2vec.metrics import MetricsLogger, append_event, loss_figure, plot_loss_curve, read_rows, restarts  # noqa: E402
-
-
-def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} of every scalar in a TensorBoard folder's event files ({} without the folder)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    if not os.path.isdir(folder):
-        return {}
-    events = EventAccumulator(str(folder)).Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+from train_helpers import tensorboard_scalars  # noqa: E402
 
 
 def interval(step: int, **extra) -> dict:

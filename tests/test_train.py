@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
-from test_metrics import tensorboard_scalars
 from timm.models.vision_transformer import VisionTransformer
-from train_helpers import REPO, TRAIN, checkpoint_dir, losses, shared_dir, step_tag, train, write_ds_config
+from train_helpers import (REPO, TRAIN, checkpoint_dir, losses, shared_dir, step_tag, tensorboard_scalars, train,
+                           write_ds_config)
 
 import img2vec.train
 import img2vec.verdict

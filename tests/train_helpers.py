@@ -98,3 +98,18 @@ def run_train(run: Path, data_dir: Path, ds: Path, *extra: str, expect_rc: int |
     if expect_rc is not None:
         assert proc.returncode == expect_rc, f"rc {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return proc
+
+
+def truncate(path: Path, keep: int) -> None:
+    """Cut an image file after `keep` bytes: a header PIL opens, data it cannot decode."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of every scalar in a TensorBoard folder's event files ({} without the folder)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not os.path.isdir(folder):
+        return {}
+    events = EventAccumulator(str(folder)).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
