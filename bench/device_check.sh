@@ -152,7 +152,7 @@ bench bench_data_cpu bench/test_bench_data.py -k "cpu_backends or verify_scan"
 
 # 5. ViT-H largest micro-batch (ZeRO-3 + grad ckpt, one GPU) ----------------------------------
 if [ $DRY = 1 ]; then
-  step max_micro_batch python3 bench/max_micro_batch.py --dry-run --budget-s 25 --probe-timeout-s 25 \
+  step max_micro_batch python3 bench/max_micro_batch.py --dry-run --start 8 --budget-s 30 --probe-timeout-s 20 \
     --json "$WORK/max_micro_batch.json"
 else
   step max_micro_batch python3 bench/max_micro_batch.py --model vit_huge --budget-s 40 --probe-timeout-s 30 \
